@@ -1,0 +1,322 @@
+"""A minimal Llama-style transformer for the SmolLM family (SmolLM, SmolLM2, SmolLM3).
+
+Lesson 3 reads this file. One decoder block is
+    x = x + Attention(RMSNorm(x))      grouped-query attention with rotary positions
+    x = x + SwiGLU(RMSNorm(x))
+and the model is: embed -> N blocks -> RMSNorm -> lm_head (tied to the embedding by default).
+
+Module and parameter names equal the Hugging Face ones (`model.layers.0.self_attn.q_proj.weight`,
+...), so a checkpoint's safetensors load with no key mapping. This file knows nothing of files
+or conversations: `weights.py` loads and saves, `chat_template.py` renders.
+
+Shapes: B batch, T new tokens, S = cache length + T, D hidden_size, H query heads,
+KV key/value heads, hd head_dim, V vocab_size.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_TYPES = ("llama", "smollm3")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    # use_rope[i] is False for SmolLM3's "NoPE" layers, which see no position signal at all.
+    use_rope: list = field(default_factory=list)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if not self.use_rope:
+            self.use_rope = [True] * self.num_hidden_layers
+        if len(self.use_rope) != self.num_hidden_layers:
+            raise ValueError(f"no_rope_layers has {len(self.use_rope)} entries, expected num_hidden_layers={self.num_hidden_layers}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads={self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, cfg, source="config.json"):
+        """Build from a Hugging Face config.json dict. `source` names the file in error messages."""
+        mtype = cfg.get("model_type")
+        if mtype not in SUPPORTED_TYPES:
+            raise ValueError(f"{source}: model_type {mtype!r} is not supported (minisft knows {', '.join(SUPPORTED_TYPES)})")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in cfg:
+                raise ValueError(f"{source}: missing required key {key!r}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (expected 'silu')")
+        # Newer transformers write rope settings under "rope_parameters", older ones at the top level.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (expected plain RoPE)")
+        is3 = mtype == "smollm3"
+        n_layers, n_heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        if is3:
+            # SmolLM3: no_rope_layers[i] == 0 means layer i skips RoPE; without the list,
+            # every `no_rope_layer_interval`-th layer (3, 7, 11, ... for 4) skips it.
+            interval = cfg.get("no_rope_layer_interval", 4)
+            flags = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+            use_rope = [bool(f) for f in flags]
+        else:
+            use_rope = [True] * n_layers
+        return cls(
+            model_type=mtype,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 2_000_000.0 if is3 else 10000.0)),
+            # transformers' defaults differ: LlamaConfig unties, SmolLM3Config ties.
+            tie_word_embeddings=cfg.get("tie_word_embeddings", is3),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768 if is3 else 2048),
+            attention_bias=cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+            initializer_range=cfg.get("initializer_range", 0.02),
+            use_rope=use_rope,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"),
+        )
+
+    def to_hf(self):
+        """The config.json dict that transformers reads back into the same architecture."""
+        out = {
+            "architectures": ["SmolLM3ForCausalLM" if self.model_type == "smollm3" else "LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "mlp_bias": self.mlp_bias,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.model_type == "smollm3":
+            out["no_rope_layers"] = [int(u) for u in self.use_rope]
+            out["use_sliding_window"] = False
+        return out
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like transformers does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # [..., D] -> [..., D]
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """position_ids [B, T] -> cos, sin [B, 1, T, hd] (float32 maths, then cast)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids[:, :, None].float() * inv_freq  # [B, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # the "rotate half" layout: pairs (i, i + hd/2)
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x, cos, sin):  # x [B, heads, T, hd]
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every layer seen so far, so generation feeds only the new token.
+
+    k[i], v[i]: [B, KV, S, hd]. `mask` keeps the attention_mask of the whole sequence [B, S].
+    """
+
+    def __init__(self, n_layers):
+        self.k = [None] * n_layers
+        self.v = [None] * n_layers
+        self.mask = None
+
+    @property
+    def length(self):
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.use_rope = cfg.use_rope[layer_idx]
+        D, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=bias)
+
+    def forward(self, x, cos, sin, attn_mask, cache):
+        """x [B, T, D] -> [B, T, D]. attn_mask: None (plain causal) or bool [B, 1, T, S]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, KV, S, hd]
+        # Without a mask and without a cache, SDPA's own causal flag is fastest. A single new
+        # token with a cache and no padding may look at everything: no mask at all.
+        is_causal = attn_mask is None and T > 1
+        if is_causal and k.shape[2] != T:
+            raise ValueError("a multi-token forward on top of a cache needs an explicit attention mask")
+        # enable_gqa: query head h reads key/value head h // (H // KV), as transformers' repeat_kv does.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, I, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(D, I, bias=bias)
+        self.up_proj = nn.Linear(D, I, bias=bias)
+        self.down_proj = nn.Linear(I, D, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_attn_mask(attention_mask, past, T, device):
+    """attention_mask [B, S] -> bool [B, 1, T, S] (True = may attend), or None for plain causal.
+
+    attention_mask holds a sequence id per position: 0 marks padding, and tokens attend only to
+    earlier-or-equal positions with the same id. A Hugging Face 1/0 padding mask is the case of
+    one sequence per row; a packed row numbers its conversations 1, 2, 3, ... so attention never
+    crosses them (a block-diagonal causal mask). Padding rows attend to padding, never to NaN.
+    """
+    if attention_mask is None:
+        return None
+    S = attention_mask.shape[1]
+    q_pos = torch.arange(past, past + T, device=device)
+    causal = torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # [T, S]
+    seg_q = attention_mask[:, past:past + T]  # [B, T]
+    same = seg_q[:, :, None] == attention_mask[:, None, :]  # [B, T, S]
+    return (causal[None] & same)[:, None]
+
+
+class SmolLM(nn.Module):
+    """The decoder-only language model. forward: input_ids [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, two uses
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Random init as transformers does it: N(0, initializer_range) weights, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=self.config.initializer_range)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache=None):
+        """input_ids [B, T] -> final normalised hidden states [B, T, D] (before lm_head).
+
+        position_ids [B, T]: defaults to cache.length + 0..T-1. Packed rows restart them per conversation.
+        attention_mask [B, S]: sequence ids, 0 = padding (see build_attn_mask); S = cache length + T.
+        cache: a KVCache, extended in place.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and attention_mask is not None:
+            cache.mask = attention_mask
+        elif cache is not None and cache.mask is not None:
+            raise ValueError("this cache was started with an attention_mask: pass the full [B, S] mask on every call")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        attn_mask = build_attn_mask(attention_mask, past, T, input_ids.device)
+        for block in self.model.layers:
+            x = block(x, cos, sin, attn_mask, cache)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None):
+        """input_ids [B, T] -> logits [B, T, V] (same arguments as hidden_states)."""
+        return self.lm_head(self.hidden_states(input_ids, position_ids, attention_mask, cache))
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())  # a tied matrix counts once
