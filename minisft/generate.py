@@ -1,6 +1,6 @@
 """Text generation: greedy decoding and sampling (temperature, top-k, top-p) with a KV cache.
 
-Lesson 4 uses it to ask the model questions, and train.py to print sample answers while training.
+Lesson 3 uses it to make the model write, and train.py to print sample answers while training.
 
 What it teaches:
 - A language model only scores the next token; generation is a loop that picks one token,

@@ -336,3 +336,17 @@ def test_repetition_loop_detector():
     assert T.repetition_loop([9] * 10) and T.repetition_loop([4, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2])  # cut mid-block
     assert not T.repetition_loop([1, 2, 3, 4, 1, 2, 3, 4, 5, 6, 7])  # recurs, but not a loop at the end
     assert not T.repetition_loop([7, 7, 7])  # too short to call a loop
+
+
+def test_bfloat16_autocast_run_tracks_float32(tiny, tmp_path):
+    """--dtype bfloat16 is the path CUDA takes by default: float32 weights, bf16 matmuls under autocast.
+    On CPU the same autocast runs, so its losses must stay close to the float32 run's and the saved
+    weights stay float32."""
+    a = T.train(config(tiny, tmp_path / "fp32", max_steps=4, sample_every=0, dtype="float32"))
+    b = T.train(config(tiny, tmp_path / "bf16", max_steps=4, sample_every=0, dtype="bfloat16"))
+    ra, rb = read_metrics(a["out"]), read_metrics(b["out"])
+    for x, y in zip(ra, rb):
+        assert torch.isfinite(torch.tensor(y["loss"]))
+        assert abs(x["loss"] - y["loss"]) < 0.05 * x["loss"]
+        assert x["loss"] != y["loss"]  # autocast really ran in bf16
+    assert all(t.dtype == torch.float32 for t in final_weights(b["out"]).values())

@@ -1,0 +1,204 @@
+"""Evaluation of a chat model on held-out conversations: did fine-tuning teach the format?
+
+    python -m minisft.evaluate --model runs/06_sft_loop/final [--model data/base-model] [--data data/sft_test.jsonl]
+
+Lessons 7 and 8 use it (and lesson 6 / the tests take the default SFT recipe, `SFT_RECIPE`, from here).
+
+What it teaches: loss curves say little about whether a chat model *behaves*. Here every test
+conversation loses its final assistant turn, the rest is rendered with add_generation_prompt=True,
+the model answers greedily (all prompts in a few batched calls, left padded), and each answer is
+checked against plain rules:
+
+- format: the generation ended by producing <|im_end|> (a stop id; not by running out of tokens)
+  AND the answer shows no role leakage: no <|im_start|> / <|endoftext|> inside it and no line that is
+  a bare role header ("user", "assistant", "system") -- the signs of a model writing the next turn
+  itself.
+- think mode: when the system prompt asks for /think, the answer opens with <think> and closes the
+  trace with </think>; with /no_think it contains no <think> at all.
+- answer accuracy: the final answer is the text after the last </think> (the whole answer when there
+  is none), special tokens removed. It is correct when it contains the record's `meta.answer` as a
+  whole word, ignoring case (so "18" does not match "118"). Scored for every record with an answer,
+  whatever the format; also split by `meta.kind` (arithmetic, fact_seen, fact_unseen).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+from minisft import chat_template, data
+from minisft.default_model import DEFAULT_MODEL
+from minisft.generate import generate
+
+# The default fine-tuning recipe for the tiny default model (lesson 6 spells the same values out as
+# its knobs; a test checks they agree). About 1.6 epochs of the 3000 training conversations.
+SFT_RECIPE = dict(
+    max_steps=300, batch_size=8, grad_accum=2,  # 16 conversations per optimizer step
+    lr=1e-3, min_lr=1e-4, warmup_ratio=0.05, weight_decay=0.0,  # a 1.8M model wants a high lr
+    max_length=192,  # all but ~20 of 3000 conversations fit (the others lose trailing turns)
+    eval_every=25, patience=4, sample_every=100, plot_every=25, save_every=0, log_every=10, seed=0,
+)
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the checkout's data/
+TRAIN_DATA, VAL_DATA, TEST_DATA = (os.path.join(DATA_DIR, f"sft_{s}.jsonl") for s in ("train", "val", "test"))
+ROLE_HEADER = re.compile(r"(^|\n)(user|assistant|system)[ \t]*(\n|$)")
+KINDS = ("arithmetic", "fact_seen", "fact_unseen")
+
+
+def sft_config(out, model=DEFAULT_MODEL, **overrides):
+    """The TrainConfig of the default SFT run (SFT_RECIPE), writing to `out`; overrides win."""
+    from minisft.train import TrainConfig  # imported here: evaluating needs no trainer
+
+    return TrainConfig(**{**dict(model=model, data=TRAIN_DATA, val_data=VAL_DATA, out=out, overwrite=True),
+                          **SFT_RECIPE, **overrides})
+
+
+def sft_default(out, model=DEFAULT_MODEL, **overrides):
+    """Run the default SFT recipe into `out` (replacing a previous run there); return train()'s summary."""
+    from minisft.train import train
+
+    return train(sft_config(out, model=model, **overrides))
+
+
+def load_records(path):
+    """A .jsonl of {"messages": [...], "meta": {...}} -> list of {"prompt": messages, "meta": dict}.
+
+    The prompt is the conversation up to (not including) its last assistant turn."""
+    convs, _ = data.load_conversations(path)
+    metas = []
+    with open(path, encoding="utf-8") as f:
+        for ln in f:
+            if ln.strip():
+                metas.append(json.loads(ln).get("meta") or {})
+    records = []
+    for i, (conv, meta) in enumerate(zip(convs, metas)):
+        last = [j for j, m in enumerate(conv) if m["role"] == "assistant"]
+        if not last:
+            raise ValueError(f"{path}:{i + 1}: no assistant turn to hold out (evaluation needs one)")
+        records.append({"prompt": conv[:last[-1]], "meta": meta})
+    return records
+
+
+def wants_think(record):
+    """True / False: is a think trace asked for? meta.think, else the system prompt's /think flag."""
+    if "think" in record["meta"]:
+        return bool(record["meta"]["think"])
+    system = " ".join(m["content"] for m in record["prompt"] if m["role"] == "system")
+    if "/no_think" in system:
+        return False
+    return True if "/think" in system else None
+
+
+def final_answer(text):
+    """The text after the last </think> (all of it when there is none), stripped."""
+    return text.rsplit("</think>", 1)[-1].strip()
+
+
+def contains_answer(text, answer):
+    """Whole-word, case-insensitive match of `answer` in `text`."""
+    return re.search(r"(?<!\w)" + re.escape(str(answer)) + r"(?!\w)", text, re.IGNORECASE) is not None
+
+
+def check_answer(tokenizer, new_ids, record):
+    """One generation (new token ids, stop token included if hit) -> a result dict of checks."""
+    ended = bool(new_ids) and new_ids[-1] in tokenizer.stop_ids()
+    body_ids = new_ids[:-1] if ended else new_ids
+    raw = tokenizer.decode(body_ids)  # special tokens kept: leakage shows as <|im_start|> here
+    leak = any(t in raw for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")) or bool(ROLE_HEADER.search(raw))
+    text = tokenizer.decode(body_ids, skip_special_tokens=True)
+    think = wants_think(record)
+    has_trace = text.lstrip().startswith("<think>") and "</think>" in text
+    think_ok = None if think is None else (has_trace if think else "<think>" not in text)
+    answer = record["meta"].get("answer")
+    return {"answer_text": text, "n_tokens": len(new_ids), "ends_with_im_end": ended, "role_leak": leak,
+            "format_ok": ended and not leak, "think_requested": think, "has_think": "<think>" in text,
+            "think_ok": think_ok, "kind": record["meta"].get("kind"), "expected": answer,
+            "correct": None if answer is None else contains_answer(final_answer(text), answer)}
+
+
+def generate_answers(model, tokenizer, prompts, template="smollm2", max_new_tokens=96, batch_size=64):
+    """Greedy answers (token id lists) to a list of message lists, batch_size prompts per call."""
+    ids = [tokenizer.encode(chat_template.render(p, template, add_generation_prompt=True)) for p in prompts]
+    out = []
+    for i in range(0, len(ids), batch_size):
+        out += generate(model, ids[i:i + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
+                        stop_ids=tokenizer.stop_ids(), use_cache=True)
+    return out
+
+
+def _rate(results, key, where=lambda r: True):
+    vals = [r[key] for r in results if where(r) and r[key] is not None]
+    return (sum(map(bool, vals)) / len(vals), len(vals)) if vals else (None, 0)
+
+
+def summarize(results):
+    """Per-record results -> {metric name: (rate in [0, 1] or None, number of records it is over)}."""
+    s = {"format compliance": _rate(results, "format_ok"),
+         "  ends with <|im_end|>": _rate(results, "ends_with_im_end"),
+         "  no role leakage": (lambda r, n: (None if r is None else 1 - r, n))(*_rate(results, "role_leak")),
+         "think trace when /think": _rate(results, "has_think", lambda r: r["think_requested"] is True),
+         "no think trace when /no_think": (lambda r, n: (None if r is None else 1 - r, n))(
+             *_rate(results, "has_think", lambda r: r["think_requested"] is False)),
+         "think mode followed": _rate(results, "think_ok"),
+         "answer accuracy": _rate(results, "correct")}
+    for k in KINDS:
+        s[f"  accuracy {k}"] = _rate(results, "correct", lambda r, k=k: r["kind"] == k)
+    return s
+
+
+def evaluate_model(model, tokenizer, records, template="smollm2", max_new_tokens=96, batch_size=64):
+    """Answer every record's prompt and check it -> (per-record results, summary dict)."""
+    answers = generate_answers(model, tokenizer, [r["prompt"] for r in records], template, max_new_tokens, batch_size)
+    results = [check_answer(tokenizer, new, rec) for new, rec in zip(answers, records)]
+    return results, summarize(results)
+
+
+def format_table(rows):
+    """rows: list of (model name, summary) -> a text table, one column per model."""
+    names = [n for n, _ in rows]
+    metrics = list(rows[0][1])
+    w0 = max(len(m) for m in metrics) + 2
+    ws = [max(len(n), 12) for n in names]
+    lines = ["metric".ljust(w0) + "  ".join(n.rjust(w) for n, w in zip(names, ws))]
+    lines.append("-" * len(lines[0]))
+    for m in metrics:
+        cells = []
+        for (_, s), w in zip(rows, ws):
+            rate, n = s.get(m, (None, 0))
+            cells.append(("-" if rate is None else f"{100 * rate:5.1f}% /{n}").rjust(w))
+        lines.append(m.ljust(w0) + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate chat models on held-out conversations (format, think mode, answers).")
+    p.add_argument("--model", action="append", help="model folder or Hub name; repeat to compare (default: the base model)")
+    p.add_argument("--data", default=TEST_DATA, help="test conversations .jsonl with meta {kind, answer, think}")
+    p.add_argument("--template", default="smollm2", help="chat template: smollm2 | smollm3 | chatml")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--show", type=int, default=3, help="print this many answers per model")
+    args = p.parse_args(argv)
+    from minisft.weights import load_pretrained
+
+    try:
+        records = load_records(args.data)
+        rows = []
+        for name in args.model or [DEFAULT_MODEL]:
+            model, tok = load_pretrained(name)
+            if tok is None:
+                raise FileNotFoundError(f"{name}: no tokenizer.json next to the weights")
+            results, summary = evaluate_model(model, tok, records, args.template, args.max_new_tokens, args.batch_size)
+            print(f"{name}: {len(results)} test prompts")
+            for r in results[:args.show]:
+                print(f"  expected {r['expected']!r:12} format_ok={r['format_ok']!s:5} -> {r['answer_text'][:100]!r}")
+            rows.append((name, summary))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
