@@ -11,9 +11,10 @@ conversation with minisft.chat_template.render and shows:
   5. render_spans: the typed pieces the label mask is built from (lesson 2)
   6. a base model has no chat training: its own tokens for <|im_start|> are there, but it has
      never seen them used
+  7. how many tokens each kind of span costs under each template -> runs/01_chat_templates/spans.png
 
 Run:  python lessons/01_chat_templates.py [--model data/base-model | HuggingFaceTB/SmolLM2-135M-Instruct]
-No training, no plot: it prints text (runs in about a second).
+No training: it prints text and one bar chart (runs in about a second).
 """
 import argparse
 import datetime
@@ -21,6 +22,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.environ.get("MINISFT_RUNS", os.path.join(ROOT, "runs"))  # where run outputs go (tests redirect it)
 
 from minisft.chat_template import render, render_spans, template_for
 from minisft.default_model import DEFAULT_MODEL
@@ -34,6 +37,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "The capital of Varnia is Oster."},
 ]
 SYSTEM = {"role": "system", "content": "You are a concise assistant."}
+OUT = os.path.join(RUNS, "01_chat_templates")
 
 
 def show(title, text):
@@ -98,6 +102,39 @@ def main():
           f"{[tok.id_to_token(i) for i in ids[:5]]}")
     print("   A base model has never seen these markers in use: fine-tuning must teach it to answer "
           "after 'assistant\\n' and to stop with <|im_end|>.")
+
+    # 8. New: what the template costs. Tokens per span kind, per template, for the same conversation:
+    # only 'content' and 'end' carry loss by default (lesson 2); the rest is the template's frame.
+    kinds = ["prompt", "header", "think", "content", "end"]
+    setups = [("chatml", {}), ("smollm2", {}), ("smollm3", {"enable_thinking": True}),
+              ("smollm3", {"enable_thinking": False})]
+    counts = {}
+    print("8. tokens per span kind:", ", ".join(kinds))
+    for name, kw in setups:
+        label = name + ("" if not kw else (" think" if kw["enable_thinking"] else " no_think"))
+        per = dict.fromkeys(kinds, 0)
+        for sp in render_spans(CONVERSATION, name, today=TODAY, **kw):
+            per[sp.kind] += len(tok.encode(sp.text))  # each span alone: close to its share of the joint encoding
+        counts[label] = per
+        print(f"   {label:17s} " + "  ".join(f"{per[k]:4d}" for k in kinds))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(OUT, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    left = [0] * len(counts)
+    for k in kinds:
+        vals = [counts[lab][k] for lab in counts]
+        ax.barh(list(counts), vals, left=left, label=k)
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_xlabel("tokens")
+    ax.set_title("one question + one answer, rendered by each template")
+    ax.legend(ncol=5, fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(OUT, "spans.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"   wrote {os.path.relpath(path, ROOT)}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@
   3. complete a corpus-style prompt: greedy, then sampled (temperature, top_k, top_p, seed)
   4. the KV cache: same tokens, less time
   5. a base model given a chat prompt: it does not answer properly and never emits <|im_end|>
+  6. what greedy and sampling choose from: the next-token probabilities -> runs/03_load_and_generate/next_token.png
 
 Run:  python lessons/03_load_and_generate.py [--model data/base-model | HuggingFaceTB/SmolLM2-135M]
-Prints generated text; a few seconds on CPU with the default model.
+Prints generated text and plots one next-token distribution; a few seconds on CPU with the default model.
 """
 import argparse
 import os
@@ -16,6 +17,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.environ.get("MINISFT_RUNS", os.path.join(ROOT, "runs"))  # where run outputs go (tests redirect it)
 
 import torch
 
@@ -30,6 +33,8 @@ MAX_NEW_TOKENS = 24
 TEMPERATURE, TOP_K, TOP_P, SEED = 0.8, 50, 0.95, 0
 CACHE_TOKENS = 200  # a longer generation, where the cache matters
 CHAT_QUESTION = "What is the capital of Varnia?"
+TOP_SHOWN = 12  # bars in the next-token plot
+OUT = os.path.join(RUNS, "03_load_and_generate")
 
 
 def main():
@@ -91,6 +96,37 @@ def main():
     print(f"   answer: {tok.decode(new)!r}")
     print(f"   ended with <|im_end|>: {ended} ({len(new)} tokens). SFT (lessons 6+) teaches both the "
           f"answer and the stop.")
+
+    # 6. New: the distribution behind every choice above. One forward pass gives logits [1, T, V];
+    # the last position scores every possible next token. Greedy takes the tallest bar; sampling
+    # draws from softmax(logits / temperature), after top-k / top-p cut the tail.
+    ids = torch.tensor([tok.encode(PROMPTS[0])], device=next(model.parameters()).device)
+    with torch.no_grad():
+        logits = model(ids)[0, -1].float().cpu()  # [V]
+    probs = torch.softmax(logits, dim=-1)
+    hot = torch.softmax(logits / TEMPERATURE, dim=-1)
+    top = torch.topk(probs, TOP_SHOWN)
+    labels = [repr(tok.decode([i])) for i in top.indices.tolist()]
+    print(f"6. next token after {PROMPTS[0]!r}:")
+    for lab, pr, i in list(zip(labels, top.values.tolist(), top.indices.tolist()))[:5]:
+        print(f"   {lab:<12} p={pr:.3f}   (at temperature {TEMPERATURE}: {hot[i].item():.3f})")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(OUT, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = range(TOP_SHOWN)
+    ax.bar([i - 0.2 for i in x], top.values.tolist(), width=0.4, label="temperature 1")
+    ax.bar([i + 0.2 for i in x], hot[top.indices].tolist(), width=0.4, label=f"temperature {TEMPERATURE}")
+    ax.set_xticks(list(x), labels, rotation=45, ha="right")
+    ax.set_ylabel("probability")
+    ax.set_title(f"next token after {PROMPTS[0]!r}")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(OUT, "next_token.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"   wrote {os.path.relpath(path, ROOT)}")
 
 
 if __name__ == "__main__":
