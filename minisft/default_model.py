@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from minisft.chat_template import JINJA
 from minisft.model import ModelConfig, SmolLM
 from minisft.tokenizer import Tokenizer
 
@@ -41,12 +42,7 @@ VOCAB_SIZE = 1024  # including the five tokens above
 
 # SmolLM2-Instruct's chat template, so transformers' apply_chat_template renders exactly what
 # minisft's "smollm2" template does (a default system prompt when the conversation has none).
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+SMOLLM2_CHAT_TEMPLATE = JINJA["smollm2"]
 
 ARCH = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=48, rope_theta=10000.0, max_position_embeddings=512,

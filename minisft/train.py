@@ -226,6 +226,24 @@ def batch_loss(model, batch, chunked=True):
     return masked_cross_entropy(model(*args), batch["labels"])
 
 
+def final_template(tokenizer, template, log):
+    """The Jinja chat template final/ should carry: the one the model was trained with.
+
+    A base model often has none, and transformers would then render chats differently from
+    training (or refuse). None keeps the tokenizer's own template unchanged."""
+    own = tokenizer.chat_template
+    try:
+        same = own is not None and chat_template.template_for(own) == template
+    except ValueError:
+        same = False
+    if same:
+        return None
+    if template in chat_template.JINJA:
+        return chat_template.JINJA[template]
+    log(f"warning: final/ keeps the tokenizer's own chat template; it is not the {template!r} format this run trained on")
+    return None
+
+
 def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0):
     """Backward every micro-batch so that the gradients are those of ONE loss:
 
@@ -796,7 +814,8 @@ def train(cfg):
             load_model_tensors(model, best)  # early stopping keeps the best weights, not the last
             log(f"final/ holds the weights of step {state['best_step']} (best val loss {state['best_val_loss']:.4f})")
         final_dir = os.path.join(out, "final")
-        save_pretrained(model, tokenizer, final_dir, overwrite=True)
+        save_pretrained(model, tokenizer, final_dir, chat_template=final_template(tokenizer, template, log),
+                        overwrite=True)
         log(f"saved {final_dir}")
     if main_proc:
         refresh_plots(out)

@@ -350,3 +350,19 @@ def test_bfloat16_autocast_run_tracks_float32(tiny, tmp_path):
         assert abs(x["loss"] - y["loss"]) < 0.05 * x["loss"]
         assert x["loss"] != y["loss"]  # autocast really ran in bf16
     assert all(t.dtype == torch.float32 for t in final_weights(b["out"]).values())
+
+
+def test_final_carries_the_trained_chat_template(tiny, tmp_path):
+    """The tiny tokenizer has no chat template (like a base model); a run with --template chatml must
+    write it into final/, so transformers renders conversations as the model was trained."""
+    from transformers import AutoTokenizer
+    from minisft.chat_template import render
+    assert tiny["tok"].chat_template is None
+    out = T.train(config(tiny, tmp_path / "run", max_steps=1, sample_every=0, template="chatml"))
+    hf = AutoTokenizer.from_pretrained(os.path.join(out["out"], "final"))
+    msgs = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
+    assert hf.apply_chat_template(msgs, tokenize=False) == render(msgs, "chatml")
+    gen = hf.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert gen == render(msgs[:1], "chatml", add_generation_prompt=True)
+    log = []
+    assert T.final_template(tiny["tok"], "smollm3", log.append) is None and "warning" in log[0]
