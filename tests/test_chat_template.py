@@ -407,3 +407,9 @@ def test_jinja_strings_are_the_real_templates(templates_dir):
     from minisft.chat_template import JINJA
     assert JINJA["smollm2"] == (templates_dir / "SmolLM2-135M-Instruct.jinja").read_text(encoding="utf-8")
     assert JINJA["chatml"] == (templates_dir / "SmolLM-135M-Instruct.jinja").read_text(encoding="utf-8")
+
+
+def test_renderer_needs_no_torch():
+    import subprocess, sys
+    code = "import sys, minisft.chat_template; assert 'torch' not in sys.modules, 'chat_template imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
