@@ -1,0 +1,218 @@
+"""How fast is minisft, and what does the chunked loss save? A side-by-side benchmark.
+
+    python -m minisft.bench [--model M] [--batch 4] [--seq 256] [--repeats 5] [--device cpu]
+
+Used by the lesson on training memory (after lesson 4, the loss). Three steps are timed on the
+same random batch (fixed seed, about 30% of the labels are targets, the rest -100):
+
+  forward (no grad)        logits for the whole batch, no autograd graph;
+  train step, full logits  model(input_ids) -> [B, T, V] logits -> masked_cross_entropy -> backward;
+  train step, chunked      model.hidden_states -> chunked_cross_entropy with lm_head.weight -> backward.
+
+Each runs once to warm up, then --repeats times; the table shows the MEDIAN time (robust to one
+slow run) and tokens/s = B*T / median seconds. When transformers is installed, the same folder is
+also loaded with AutoModelForCausalLM in float32 and put through the same steps with the SAME loss
+functions (its `.model(...)` body gives the hidden states), so the comparison is between the two
+model implementations, not between two losses. The ratio columns are minisft / transformers:
+below 1 means minisft is faster (or keeps less).
+
+Memory column:
+  CUDA: torch.cuda.max_memory_allocated during one step ("peak MB"), weights and gradients included.
+  CPU (and MPS): there is no allocator peak to read, so we count what autograd SAVES FOR BACKWARD during the
+        forward pass ("saved for backward MB"): every tensor packed by
+        torch.autograd.graph.saved_tensors_hooks, counted once per storage, parameters left out
+        (they exist anyway). This is the activation memory a train step adds on top of the model,
+        and it is deterministic. The no-grad forward saves nothing, so it reads 0.
+  The chunked row should keep less than the full-logits row: the full path keeps the float32
+  exp(logits) of every target position ([N, V]) alive until backward; the chunked path
+  recomputes each chunk's logits during backward instead (activation checkpointing).
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from minisft.default_model import DEFAULT_MODEL
+from minisft.loss import IGNORE_INDEX, chunked_cross_entropy, masked_cross_entropy
+from minisft.weights import load_pretrained, resolve_model_dir
+
+ROWS = ["forward (no grad)",
+        "train step: forward+backward, full logits + masked_cross_entropy",
+        "train step: chunked_cross_entropy from hidden states"]
+TARGET_FRACTION = 0.3
+
+
+def make_batch(vocab_size, batch, seq, seed=0):
+    """Random input_ids [B, T] and labels [B, T] (unshifted; ~30% targets, the rest -100)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
+    is_target = torch.rand(batch, seq, generator=gen) < TARGET_FRACTION
+    labels = torch.where(is_target, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return input_ids, labels
+
+
+# ---- the two implementations behind one small interface: logits(ids), hidden(ids), lm_head weight ----
+def minisft_fns(model):
+    return model, model.hidden_states, model.lm_head.weight
+
+
+def transformers_fns(model):
+    return (lambda ids: model(input_ids=ids).logits,
+            lambda ids: model.model(input_ids=ids).last_hidden_state,
+            model.lm_head.weight)
+
+
+def step_fns(fns, input_ids, labels):
+    """-> {row name: function() -> loss tensor (None for the no-grad forward)}."""
+    logits_fn, hidden_fn, weight = fns
+
+    def forward():
+        with torch.no_grad():
+            logits_fn(input_ids)
+
+    def full():
+        loss_sum, n = masked_cross_entropy(logits_fn(input_ids), labels)
+        return loss_sum / n
+
+    def chunked():
+        loss_sum, n = chunked_cross_entropy(hidden_fn(input_ids), weight, labels)
+        return loss_sum / n
+
+    return dict(zip(ROWS, (forward, full, chunked)))
+
+
+def saved_for_backward_bytes(fn, params):
+    """Bytes autograd keeps for backward while fn() builds its graph (each storage once, parameters excluded)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    del loss  # frees the graph without running backward
+    return sum(seen.values())
+
+
+def run_step(fn, model):
+    model.zero_grad(set_to_none=True)  # gradients of the previous step do not count as this step's memory
+    loss = fn()
+    if loss is not None:
+        loss.backward()
+
+
+def synchronize(device):
+    """GPU kernels run asynchronously: wait for them before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure(fn, model, repeats, device):
+    """-> (median seconds, memory bytes): 1 warm-up, then `repeats` timed runs."""
+    cuda = device.type == "cuda"
+    run_step(fn, model)
+    times, peaks = [], []
+    for _ in range(repeats):
+        synchronize(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        run_step(fn, model)
+        synchronize(device)
+        if cuda:
+            peaks.append(torch.cuda.max_memory_allocated(device))
+        times.append(time.perf_counter() - t0)
+    memory = max(peaks) if cuda else saved_for_backward_bytes(fn, list(model.parameters()))
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times), memory
+
+
+def load_transformers(folder, device):
+    """AutoModelForCausalLM in float32, or None (and the reason) when transformers is not importable."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        return None, f"transformers is not importable ({e}): minisft rows only"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    model.train()
+    return model, None
+
+
+def benchmark(model_path, batch, seq, repeats, device="cpu", seed=0):
+    """-> (results, note). results: list of dicts {row, impl, ms, tokens_per_s, mem_bytes} in table order."""
+    device = torch.device(device)
+    folder = resolve_model_dir(model_path)
+    ours, _ = load_pretrained(folder, dtype="float32", device=device)
+    ours.train()
+    input_ids, labels = make_batch(ours.config.vocab_size, batch, seq, seed)
+    input_ids, labels = input_ids.to(device), labels.to(device)
+    theirs, note = load_transformers(folder, device)
+    impls = [("minisft", ours, minisft_fns(ours))]
+    if theirs is not None:
+        impls.append(("transformers", theirs, transformers_fns(theirs)))
+
+    results = []
+    for row in ROWS:
+        for name, model, fns in impls:
+            seconds, mem = measure(step_fns(fns, input_ids, labels)[row], model, repeats, device)
+            results.append({"row": row, "impl": name, "ms": seconds * 1e3,
+                            "tokens_per_s": batch * seq / seconds, "mem_bytes": mem})
+    return results, note
+
+
+def format_table(results, device, note=None):
+    """Markdown table; the ratio columns sit on the minisft row of each step."""
+    mem_name = "peak MB" if torch.device(device).type == "cuda" else "saved for backward MB"
+    lines = [f"| step | implementation | median ms | tokens/s | {mem_name} | ms ratio | mem ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    by_key = {(r["row"], r["impl"]): r for r in results}
+    for r in results:
+        other = by_key.get((r["row"], "transformers"))
+        ms_ratio = mem_ratio = ""
+        if r["impl"] == "minisft" and other is not None:
+            ms_ratio = f"{r['ms'] / other['ms']:.2f}"
+            mem_ratio = f"{r['mem_bytes'] / other['mem_bytes']:.2f}" if other["mem_bytes"] else "-"
+        lines.append(f"| {r['row']} | {r['impl']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['mem_bytes'] / 2**20:.2f} | {ms_ratio} | {mem_ratio} |")
+    lines.append("ratios are minisft / transformers (below 1: minisft faster or keeps less)")
+    if note:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minisft.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the embedded model)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; the median is shown")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    args = p.parse_args(argv)
+    try:
+        for flag in ("batch", "seq", "repeats"):
+            if getattr(args, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this torch has no CUDA device (try --device cpu)")
+        if args.seq < 2:
+            raise ValueError("--seq must be >= 2 (the loss needs a next token)")
+        results, note = benchmark(args.model, args.batch, args.seq, args.repeats, args.device)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"model {args.model}  batch {args.batch} x seq {args.seq}  device {args.device}  "
+          f"median of {args.repeats} after 1 warm-up")
+    print(format_table(results, args.device, note))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
