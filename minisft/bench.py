@@ -17,7 +17,9 @@ model implementations, not between two losses. The ratio columns are minisft / t
 below 1 means minisft is faster (or keeps less).
 
 Memory column:
-  CUDA: torch.cuda.max_memory_allocated during one step ("peak MB"), weights and gradients included.
+  CUDA: torch.cuda.max_memory_allocated during one step minus what was allocated before it ("step peak MB"):
+        activations, gradients and temporaries, but not the weights (both models stay on the GPU,
+        so a plain peak would count the other implementation's weights too).
   CPU (and MPS): there is no allocator peak to read, so we count what autograd SAVES FOR BACKWARD during the
         forward pass ("saved for backward MB"): every tensor packed by
         torch.autograd.graph.saved_tensors_hooks, counted once per storage, parameters left out
@@ -59,8 +61,10 @@ def minisft_fns(model):
 
 
 def transformers_fns(model):
-    return (lambda ids: model(input_ids=ids).logits,
-            lambda ids: model.model(input_ids=ids).last_hidden_state,
+    # use_cache=False: transformers would otherwise fill a KV cache on every call, work that
+    # minisft's forward does not do.
+    return (lambda ids: model(input_ids=ids, use_cache=False).logits,
+            lambda ids: model.model(input_ids=ids, use_cache=False).last_hidden_state,
             model.lm_head.weight)
 
 
@@ -121,14 +125,18 @@ def measure(fn, model, repeats, device):
     run_step(fn, model)
     times, peaks = [], []
     for _ in range(repeats):
+        model.zero_grad(set_to_none=True)
         synchronize(device)
         if cuda:
+            # Both models sit on the GPU: count only what this step adds on top of what is
+            # already allocated, or each row would include the other implementation's weights.
+            base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         run_step(fn, model)
         synchronize(device)
         if cuda:
-            peaks.append(torch.cuda.max_memory_allocated(device))
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
         times.append(time.perf_counter() - t0)
     memory = max(peaks) if cuda else saved_for_backward_bytes(fn, list(model.parameters()))
     model.zero_grad(set_to_none=True)
@@ -170,7 +178,7 @@ def benchmark(model_path, batch, seq, repeats, device="cpu", seed=0):
 
 def format_table(results, device, note=None):
     """Markdown table; the ratio columns sit on the minisft row of each step."""
-    mem_name = "peak MB" if torch.device(device).type == "cuda" else "saved for backward MB"
+    mem_name = "step peak MB" if torch.device(device).type == "cuda" else "saved for backward MB"
     lines = [f"| step | implementation | median ms | tokens/s | {mem_name} | ms ratio | mem ratio |",
              "|---|---|---:|---:|---:|---:|---:|"]
     by_key = {(r["row"], r["impl"]): r for r in results}
@@ -188,6 +196,24 @@ def format_table(results, device, note=None):
     return "\n".join(lines)
 
 
+def check_device(name):
+    """ValueError unless `name` ("cpu", "cuda", "cuda:1", "mps") is a device this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (expected cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch has no CUDA device (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: this torch has no MPS (Apple GPU) device (try --device cpu)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: not supported (expected cpu, cuda, cuda:N or mps)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minisft.bench", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the embedded model)")
@@ -200,10 +226,9 @@ def main(argv=None):
         for flag in ("batch", "seq", "repeats"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: this torch has no CUDA device (try --device cpu)")
         if args.seq < 2:
             raise ValueError("--seq must be >= 2 (the loss needs a next token)")
+        check_device(args.device)
         results, note = benchmark(args.model, args.batch, args.seq, args.repeats, args.device)
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -43,11 +43,18 @@ def _next_tokens(logits, temperature, top_k, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
 
 
-def _check_args(rows, max_new_tokens, temperature, top_k, top_p):
+def _check_args(config, rows, max_new_tokens, temperature, top_k, top_p):
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("generate: every prompt needs at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+    bad = [t for r in rows for t in r if not 0 <= t < config.vocab_size]
+    if bad:  # caught here: on a GPU an out-of-range embedding index is an opaque device assert
+        raise ValueError(f"generate: token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+    longest = max(len(r) for r in rows)
+    if longest >= config.max_position_embeddings and max_new_tokens > 0:
+        raise ValueError(f"generate: a prompt of {longest} tokens leaves no room in the model's context of "
+                         f"max_position_embeddings={config.max_position_embeddings} tokens")
     if temperature < 0:
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -63,11 +70,20 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, 
     temperature 0 = greedy (top_k/top_p unused); > 0 samples from softmax(logits / temperature),
     restricted to the top_k tokens and/or the top_p nucleus. seed makes sampling repeatable.
     A row stops after a token in stop_ids (that token is included) or after max_new_tokens.
+    All rows stop when the longest one fills the model's context (max_position_embeddings).
     """
+    if isinstance(prompt_ids, str):
+        raise ValueError("generate: prompt_ids must be token ids, not text (encode it with the tokenizer first)")
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()  # [T] or [B, T] (unpadded)
     single = len(prompt_ids) > 0 and not isinstance(prompt_ids[0], (list, tuple))
-    rows = [list(prompt_ids)] if single else [list(r) for r in prompt_ids]
-    _check_args(rows, max_new_tokens, temperature, top_k, top_p)
-    stop = {int(stop_ids)} if isinstance(stop_ids, int) else {int(s) for s in stop_ids}
+    rows = [[int(t) for t in prompt_ids]] if single else [[int(t) for t in r] for r in prompt_ids]
+    _check_args(model.config, rows, max_new_tokens, temperature, top_k, top_p)
+    # RoPE could compute positions past the context, but the model never saw them in training:
+    # what it says there is not to be trusted, so generation ends at the context's edge.
+    max_new_tokens = min(max_new_tokens, model.config.max_position_embeddings - max(len(r) for r in rows))
+    stop_ids = () if stop_ids is None else [stop_ids] if isinstance(stop_ids, int) else stop_ids
+    stop = {int(s) for s in stop_ids}
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     was_training = model.training

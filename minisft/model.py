@@ -55,6 +55,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg, source="config.json"):
         """Build from a Hugging Face config.json dict. `source` names the file in error messages."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object of model settings, got {type(cfg).__name__}")
         mtype = cfg.get("model_type")
         if mtype not in SUPPORTED_TYPES:
             raise ValueError(f"{source}: model_type {mtype!r} is not supported (minisft knows {', '.join(SUPPORTED_TYPES)})")
@@ -63,8 +65,12 @@ class ModelConfig:
                 raise ValueError(f"{source}: missing required key {key!r}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (expected 'silu')")
-        # Newer transformers write rope settings under "rope_parameters", older ones at the top level.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        # Newer transformers write rope settings under "rope_parameters", older ones under
+        # "rope_scaling" with rope_theta at the top level. When both are present transformers
+        # follows "rope_scaling" (a scaling added to a newer config), so we read it first too.
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+            raise ValueError(f"{source}: rope settings {rope!r} are not supported (expected one plain RoPE for all layers)")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (expected plain RoPE)")
@@ -75,10 +81,16 @@ class ModelConfig:
             # every `no_rope_layer_interval`-th layer (3, 7, 11, ... for 4) skips it.
             interval = cfg.get("no_rope_layer_interval", 4)
             flags = cfg.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
-            use_rope = [bool(f) for f in flags]
+            use_rope = [bool(f) for f in flags[:n_layers]]  # transformers allows a longer list
+            # With use_sliding_window, transformers gives the "sliding_attention" layers (by default
+            # the NoPE ones) a sliding window; this model only has full attention.
+            kinds = cfg.get("layer_types") or ["full_attention" if u or cfg.get("sliding_window") is None
+                                               else "sliding_attention" for u in use_rope]
+            if cfg.get("use_sliding_window") and "sliding_attention" in kinds[:n_layers]:
+                raise ValueError(f"{source}: use_sliding_window is not supported (expected false: full attention in every layer)")
         else:
             use_rope = [True] * n_layers
-        return cls(
+        fields = dict(
             model_type=mtype,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -100,6 +112,10 @@ class ModelConfig:
             eos_token_id=cfg.get("eos_token_id"),
             pad_token_id=cfg.get("pad_token_id"),
         )
+        try:
+            return cls(**fields)
+        except ValueError as e:  # the checks of __post_init__ name the file too
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf(self):
         """The config.json dict that transformers reads back into the same architecture."""
@@ -301,6 +317,9 @@ class SmolLM(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}, expected [B, cache length + T]"
+                             f" = {[B, past + T]}: with a cache it covers the whole sequence")
         if cache is not None and attention_mask is not None:
             cache.mask = attention_mask
         elif cache is not None and cache.mask is not None:

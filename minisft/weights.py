@@ -93,22 +93,41 @@ def _hub_snapshot(repo_id):
 
     cache = _hub_cache_dir()
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=cache, local_files_only=True)
+        folder = snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=cache, local_files_only=True)
+        # The cache may hold only some files (e.g. a config.json fetched on its own), and
+        # huggingface_hub cannot always tell: such a snapshot counts as not cached.
+        if _has_model_files(folder):
+            return folder
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass  # not in the cache (or only partly): download below
     how = (f"download it where the Hub is reachable (`huggingface-cli download {repo_id}`, "
            f"with HF_HUB_OFFLINE unset or 0), or pass a local model folder")
     if _hub_offline():
-        raise ValueError(f"{repo_id}: not a local folder and not in the Hugging Face cache ({cache}), "
+        raise ValueError(f"{repo_id}: no such local folder, not (fully) in the Hugging Face cache ({cache}), "
                          f"and HF_HUB_OFFLINE is set: {how}")
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=cache)
     except RepositoryNotFoundError:
-        raise ValueError(f"{repo_id}: no such model on the Hugging Face Hub (or it is private/gated); "
-                         f"check the name or pass a local model folder") from None
+        raise ValueError(f"{repo_id}: no such local folder, and no such model on the Hugging Face Hub (or it is "
+                         f"private/gated); check the name or pass a local model folder") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{repo_id}: could not download from the Hugging Face Hub ({first_line}); {how}") from None
+        raise ValueError(f"{repo_id}: no such local folder, and it could not be downloaded from the Hugging Face "
+                         f"Hub ({first_line}); {how}") from None
+
+
+def _has_model_files(folder):
+    """config.json and the weights (one file, or an index and every shard it lists) are all there."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return False
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return True
+    try:
+        with open(os.path.join(folder, "model.safetensors.index.json"), encoding="utf-8") as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return all(os.path.isfile(os.path.join(folder, s)) for s in shards)
 
 
 # ---- reading tensors ---------------------------------------------------------------------------

@@ -72,7 +72,17 @@ def test_chunked_loss_keeps_less_than_the_logits_it_avoids():
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
-    assert bench.main(["--seq", "1"]) == 2
-    assert re.match(r"error: --seq must be >= 2", capsys.readouterr().err)
-    assert bench.main(["--model", "/nonexistent/folder"]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    import torch
+
+    cases = [(["--seq", "1"], r"--seq must be >= 2"),
+             (["--batch", "0"], r"--batch must be >= 1"),
+             (["--model", "/nonexistent/folder"], r"/nonexistent/folder: no such model folder"),
+             (["--device", "gpu0"], r"--device gpu0: not a device name"),
+             (["--device", "xpu"], r"--device xpu: not supported"),
+             (["--device", f"cuda:{torch.cuda.device_count()}"], r"--device cuda:\d+: (this torch has no CUDA|there are only)")]
+    if not torch.backends.mps.is_available():
+        cases.append((["--device", "mps"], r"--device mps: this torch has no MPS"))
+    for argv, message in cases:
+        assert bench.main(ARGS + argv) == 2, argv  # the last value of a flag wins
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"error: {message}.*\n", err), (argv, err)  # one line, nothing else

@@ -87,6 +87,50 @@ def test_top_k_top_p_restrict_the_choices(tiny):
     assert 1 <= len(seen) <= 3
 
 
+def test_filters_match_transformers_warpers():
+    """temperature, then top-k, then top-p: the same tokens survive as with transformers' sampling."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from minisft.generate import _filter_logits
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        V = int(torch.randint(2, 300, (1,), generator=g))
+        logits = torch.randn(3, V, generator=g, dtype=torch.float64) * 4  # no ties
+        temp = 0.3 + float(torch.rand(1, generator=g)) * 1.5
+        k = int(torch.randint(1, V + 3, (1,), generator=g))
+        p = 0.01 + float(torch.rand(1, generator=g)) * 0.98
+        for top_k, top_p in ((k, None), (None, p), (k, p)):
+            want = TemperatureLogitsWarper(temp)(None, logits.clone())
+            want = TopKLogitsWarper(top_k)(None, want) if top_k else want
+            want = TopPLogitsWarper(top_p)(None, want) if top_p else want
+            got = _filter_logits(logits / temp, top_k, top_p)
+            assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (V, top_k, top_p)
+            assert torch.equal(got[torch.isfinite(got)], want[torch.isfinite(want)])
+
+
+def test_generation_stops_at_the_context():
+    torch.manual_seed(0)
+    model = SmolLM(ModelConfig(**{**TINY, "max_position_embeddings": 16})).eval()
+    assert len(generate(model, [[1] * 10, [2, 3]], max_new_tokens=6)[0]) == 6  # 10 + 6 fills the context exactly
+    long, short = generate(model, [[1] * 10, [2, 3]], max_new_tokens=50)
+    assert len(long) == 6 and len(short) == 6  # the longest row sets the limit for the batch
+    assert generate(model, [1] * 16, max_new_tokens=0) == []
+    with pytest.raises(ValueError, match=r"prompt of 16 tokens leaves no room .*max_position_embeddings=16"):
+        generate(model, [1] * 16, max_new_tokens=1)
+
+
+def test_prompt_forms(tiny):
+    a = generate(tiny, PROMPTS[0], max_new_tokens=5)
+    assert generate(tiny, torch.tensor(PROMPTS[0]), max_new_tokens=5) == a  # a 1-D tensor is one prompt
+    assert generate(tiny, torch.tensor([PROMPTS[0]] * 2), max_new_tokens=5) == [a, a]  # a 2-D tensor is a batch
+    assert generate(tiny, PROMPTS[0], max_new_tokens=5, stop_ids=None) == a
+    with pytest.raises(ValueError, match=r"token id 128 is outside the vocabulary \[0, 128\)"):
+        generate(tiny, [[1, 2], [3, 128]])
+    with pytest.raises(ValueError, match="not text"):
+        generate(tiny, "Hello")
+
+
 def test_edge_cases_and_errors(tiny):
     assert generate(tiny, [1, 2], max_new_tokens=0) == []
     assert generate(tiny, [[1, 2], [3]], max_new_tokens=0) == [[], []]

@@ -5,6 +5,7 @@ and untied with biases, sharded; SmolLM3 with NoPE layers, listed or from the in
 the real SmolLM2-135M-Instruct checks the numbers at full size.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -161,12 +162,102 @@ def test_bf16_load_smoke(checkpoints):
     assert (lo - hi).abs().max().item() < 0.1 * hi.abs().max().item()  # bf16 keeps ~3 significant digits
 
 
-def test_random_init_model_runs():
+# ---- config.json as users have them: v4-style keys, SmolLM v1 shapes, rope settings ----------------
+V1 = dict(model_type="llama", vocab_size=96, hidden_size=36, intermediate_size=64, num_hidden_layers=3,
+          num_attention_heads=3, num_key_value_heads=1, rms_norm_eps=1e-5, hidden_act="silu", rope_theta=10000.0,
+          rope_scaling=None, tie_word_embeddings=True, max_position_embeddings=2048, pretraining_tp=1)
+S3 = {**V1, "model_type": "smollm3", "num_hidden_layers": 5, "rope_theta": 5e6, "pad_token_id": 0}
+HAND_WRITTEN = {
+    # SmolLM-135M/360M shape: no head_dim key (hidden/heads), 3 query heads per key/value head.
+    "smollm1_gqa": V1,
+    # SmolLM-1.7B shape: as many key/value heads as query heads.
+    "smollm1_mha": {**V1, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4},
+    "no_kv_key_untied_biases": {**{k: v for k, v in V1.items() if k != "num_key_value_heads"},
+                                "tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True},
+    "head_dim_not_hidden_over_heads": {**V1, "head_dim": 20},
+    "rope_parameters": {**{k: v for k, v in V1.items() if k not in ("rope_theta", "rope_scaling")},
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+    # Both keys: transformers follows rope_scaling, so rope_parameters' theta is not used.
+    "rope_scaling_wins": {**{k: v for k, v in V1.items() if k != "rope_theta"},
+                          "rope_scaling": {"type": "default"}, "rope_parameters": {"rope_type": "default", "rope_theta": 500.0}},
+    "smollm3_interval_no_theta": {k: v for k, v in S3.items() if k not in ("rope_theta", "tie_word_embeddings")},
+    "smollm3_long_list_window_off": {**S3, "no_rope_layers": [1, 0, 1, 1, 0, 0, 0], "use_sliding_window": False,
+                                     "sliding_window": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_WRITTEN))
+def test_hand_written_configs_match_transformers(tmp_path, name):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = HAND_WRITTEN[name]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    theirs = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path))
+    randomize_(theirs, 0)
+    theirs.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))  # both sides read the hand-written file
+    theirs = hf_model(tmp_path)
+    ours, _ = load_pretrained(tmp_path, device="cpu")
+    x = torch.randint(0, cfg["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x).logits).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope type 'llama3' is not supported"),
+    # A scaling added to a newer config: transformers applies it, so must not be read past.
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     "rope type 'linear' is not supported"),
+    ({**S3, "rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1024}},
+     "rope type 'yarn' is not supported"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "expected one plain RoPE for all layers"),
+    ({**S3, "use_sliding_window": True, "sliding_window": 8}, "use_sliding_window is not supported"),
+    ({**S3, "use_sliding_window": True, "layer_types": ["sliding_attention"] * 5}, "use_sliding_window is not supported"),
+    ({**S3, "no_rope_layers": [1, 0]}, "no_rope_layers has 2 entries, expected num_hidden_layers=5"),
+    ({"num_key_value_heads": 2}, "num_attention_heads=3 is not a multiple of num_key_value_heads=2"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+])
+def test_unsupported_configs_are_one_line_errors(over, message):
     from minisft.model import ModelConfig
-    cfg = ModelConfig(**TINY)
-    model = SmolLM(cfg)
-    out = model(torch.zeros(2, 5, dtype=torch.long))
-    assert out.shape == (2, 5, TINY["vocab_size"])
+    with pytest.raises(ValueError, match=r"^m/config\.json: .*" + re.escape(message)) as e:
+        ModelConfig.from_hf({**V1, **over}, source="m/config.json")
+    assert "\n" not in str(e.value)
+
+
+def test_config_must_be_an_object():
+    from minisft.model import ModelConfig
+    with pytest.raises(ValueError, match=r"m/config\.json: expected a JSON object of model settings, got list"):
+        ModelConfig.from_hf([V1], source="m/config.json")
+
+
+def test_attention_mask_must_cover_the_cache():
+    from minisft.model import ModelConfig
+    model = SmolLM(ModelConfig(**TINY)).eval()
+    ids = torch.arange(6)[None]
+    cache = KVCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match=r"attention_mask has shape \[1, 1\], expected .* = \[1, 6\]"):
+            model(ids[:, 5:], attention_mask=torch.ones(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_random_init_model_runs():
+    """A fresh model is initialised as transformers does it: N(0, 0.02) matrices, zero biases, unit norms."""
+    from minisft.model import ModelConfig
+    torch.manual_seed(0)
+    model = SmolLM(ModelConfig(**TINY, attention_bias=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied by default
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            assert abs(p.std().item() - 0.02) < 0.004 and abs(p.mean().item()) < 0.004, name
+    out = model(torch.randint(0, 256, (2, 5)))
+    assert out.shape == (2, 5, TINY["vocab_size"]) and torch.isfinite(out).all()
 
 
 # ---- the real SmolLM2-135M-Instruct ---------------------------------------------------------------

@@ -186,21 +186,54 @@ def test_offline_hub_id_not_cached(tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE" in msg and "local model folder" in msg and "\n" not in msg
 
 
-def test_hub_id_loads_from_cache(tmp_path, monkeypatch, tiny_dir):
-    # Lay the files out as huggingface_hub's cache does: refs/main -> snapshots/<commit>/.
+def fake_hub_cache(root, files_from, names):
+    """huggingface_hub's cache layout (refs/main -> snapshots/<commit>/) holding `names` only."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-model"
+    repo = root / "hf" / "hub" / "models--someone--tiny-model"
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    for name in os.listdir(tiny_dir):
-        (snap / name).write_bytes(open(os.path.join(tiny_dir, name), "rb").read())
+    for name in names:
+        (snap / name).write_bytes(open(os.path.join(files_from, name), "rb").read())
+    return snap
+
+
+def test_hub_id_loads_from_cache(tmp_path, monkeypatch, tiny_dir):
+    fake_hub_cache(tmp_path, tiny_dir, os.listdir(tiny_dir))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     model, _ = load_pretrained("someone/tiny-model", device="cpu")
     assert same_weights(model, tiny_model())
+
+
+def test_hub_partial_cache_is_completed_not_trusted(tmp_path, monkeypatch, tiny_dir):
+    """A cache with only config.json (fetched on its own) is not a model: download the rest."""
+    import huggingface_hub
+
+    snap = fake_hub_cache(tmp_path, tiny_dir, ["config.json"])
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"someone/tiny-model: no such local folder, not \(fully\) in the Hugging Face cache"):
+        load_pretrained("someone/tiny-model", device="cpu")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    real = huggingface_hub.snapshot_download
+    downloads = []
+
+    def download(repo_id, local_files_only=False, **kw):
+        if local_files_only:
+            return real(repo_id, local_files_only=True, **kw)
+        downloads.append(repo_id)  # stands in for the network: fetch the missing weights
+        (snap / "model.safetensors").write_bytes(open(os.path.join(tiny_dir, "model.safetensors"), "rb").read())
+        return str(snap)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    model, _ = load_pretrained("someone/tiny-model", device="cpu")
+    assert downloads == ["someone/tiny-model"] and same_weights(model, tiny_model())
+    load_pretrained("someone/tiny-model", device="cpu")
+    assert downloads == ["someone/tiny-model"]  # complete now: served from the cache
 
 
 # ---- saving -----------------------------------------------------------------------------------
