@@ -46,7 +46,10 @@ Rules this module chooses (and documents):
   * Quirks of the real templates are kept on purpose, because the model was trained on them:
     smollm2/chatml render a system message anywhere as a normal turn; smollm3 uses only
     messages[0] as the system prompt and drops any later system message, renders tool messages
-    as user turns and non-string content as "".
+    as user turns and non-string content (None, a list of parts) as "".
+  * Where the real templates are lenient with broken input, minisft is not: a message without a
+    "role" or "content" key, or with a role other than system/user/assistant/tool, is a
+    ValueError naming the message (Jinja would render "" or skip the message without a word).
 """
 import datetime
 import sys
@@ -209,10 +212,14 @@ def _check_messages(messages, template):
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(m).__name__}")
-        role = m.get("role")
+        for key in ("role", "content"):
+            # The templates would quietly render a missing key as "" or drop the message: say so instead.
+            if key not in m:
+                raise ValueError(f"message {i}: missing key {key!r} (expected a dict with 'role' and 'content')")
+        role = m["role"]
         if role not in ROLES:
             raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
-        content = m.get("content")
+        content = m["content"]
         # smollm2/chatml concatenate strings (Jinja fails on anything else); smollm3 shows non-strings
         # as "", except the system prompt, which it edits with string methods.
         needs_str = template != "smollm3" or (i == 0 and role == "system")
@@ -235,12 +242,7 @@ def tokenize_conversation(tokenizer, messages, template="smollm2", *, train_on="
     to it and cut the tokens at max_length. The labels may then be all -100: the caller decides what
     to do with such an example. Raises ValueError when a message spells a special token.
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}: expected one of {', '.join(TEMPLATES)}")
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on={train_on!r}: expected one of {', '.join(TRAIN_ON)}")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length={max_length!r}: expected a positive integer or None")
+    check_options(template, train_on, max_length)
     _check_messages(messages, template)
     _reject_special_tokens(tokenizer, messages)
     # Fix the date once, so that a re-render while truncating cannot cross midnight.
@@ -261,6 +263,16 @@ def tokenize_conversation(tokenizer, messages, template="smollm2", *, train_on="
     if assistant_turns:
         ids, labels = _tokenize(tokenizer, messages[:assistant_turns[0] + 1], **opts)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def check_options(template, train_on, max_length=None):
+    """The settings of tokenize_conversation, checked once (data.py checks them before a whole dataset)."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}: expected one of {', '.join(TEMPLATES)}")
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on!r}: expected one of {', '.join(TRAIN_ON)}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length={max_length!r}: expected a positive integer or None")
 
 
 def _tokenize(tokenizer, messages, template, train_on, train_headers, enable_thinking, tools, today):

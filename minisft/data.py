@@ -28,10 +28,11 @@ import datetime
 import json
 import os
 import random
+import re
 
 import torch
 
-from .chat_template import tokenize_conversation
+from .chat_template import check_options, tokenize_conversation
 
 IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
 ROLES = ("system", "user", "assistant", "tool")
@@ -60,7 +61,8 @@ def load_conversations(path, skip_bad=False):
           human -> user, gpt -> assistant, system and tool keep their names)
     Files: `.jsonl` holds one record per line (blank lines are ignored); `.json` holds one JSON
     list of records. Locations in messages are "path:LINE" (1-based) for .jsonl and
-    "path:record N" (0-based list index) for .json; message indices are 0-based.
+    "path:LINE (record N)" for .json (the line where record N, 0-based, starts); message indices
+    are 0-based.
 
     Every record is checked: valid UTF-8 and JSON, a known key, known roles, string contents, at
     least one message and at least one assistant turn. A problem raises
@@ -145,8 +147,24 @@ def _json_records(path, raw):
                          f"(expected a JSON list of records{hint})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: the top level is a JSON {type(data).__name__} (expected a JSON list of records)")
-    for i, rec in enumerate(data):
-        yield f"{path}:record {i}", (lambda rec=rec: rec)
+    for i, (rec, line) in enumerate(zip(data, _element_lines(text), strict=True)):
+        yield f"{path}:{line} (record {i})", (lambda rec=rec: rec)
+
+
+def _element_lines(text):
+    """The 1-based line on which each element of a (valid) top-level JSON list starts.
+
+    json.loads forgets where things were; walking the list once more with raw_decode recovers it,
+    so a bad record in a pretty-printed file is reported at a line an editor can jump to.
+    """
+    decoder, lines, line, seen = json.JSONDecoder(), [], 1, 0
+    skip = re.compile(r"[\s,]*")  # whitespace and the commas between elements (the text is valid JSON)
+    pos = skip.match(text, text.index("[") + 1).end()
+    while text[pos] != "]":
+        line, seen = line + text.count("\n", seen, pos), pos
+        lines.append(line)
+        pos = skip.match(text, decoder.raw_decode(text, pos)[1]).end()
+    return lines
 
 
 def _conversation(rec):
@@ -243,6 +261,8 @@ def build_examples(tokenizer, convs, template="smollm2", train_on="assistant", m
       stats: {"kept", "dropped_no_target", "truncated", "skipped_bad", "problems",
               "tokens" (sum of lengths kept), "target_tokens" (loss positions after the shift)}
     """
+    # A bad setting is no fault of any conversation: fail before blaming (or, with skip_bad, skipping) them all.
+    check_options(template, train_on, max_length)
     # One date for the whole dataset (the smollm3 system prompt shows it): a build that runs past
     # midnight must not render two different system prompts.
     today = today or datetime.date.today()

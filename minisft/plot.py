@@ -28,27 +28,40 @@ PANELS = (  # (metrics key, panel title, log scale)
 )
 
 
-def read_metrics(run_dir):
-    """run_dir/metrics.jsonl -> list of dicts (one per optimizer step). Errors name file:line."""
+def read_metrics(run_dir, live=False):
+    """run_dir/metrics.jsonl (or the file itself) -> list of dicts (one per optimizer step).
+
+    Every line must be a JSON object with a numeric "step" and "loss"; other fields may be missing,
+    null or NaN (such points are left out of their plot). Errors name file:line.
+    live=True is for reading a file that training is still writing: a missing or empty file gives
+    [] and an unfinished last line (no newline yet) is left for the next read.
+    """
     path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
     if not os.path.isfile(path):
+        if live:
+            return []
         raise FileNotFoundError(f"{path}: no such file (expected a run folder written by minisft.train)")
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if live:
+        lines = lines[:-1]  # after the last newline: "" or a line still being written
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in ("step", "loss"):
-                if not isinstance(row.get(key), (int, float)):
-                    raise ValueError(f"{path}:{lineno}: missing or non-numeric {key!r} (expected a number)")
-            rows.append(row)
-    if not rows:
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 (byte 0x{line[e.start]:02x}) (expected UTF-8 JSON)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for key in ("step", "loss"):
+            if not isinstance(row.get(key), (int, float)):
+                raise ValueError(f"{path}:{lineno}: missing or non-numeric {key!r} (expected a number)")
+        rows.append(row)
+    if not rows and not live:
         raise ValueError(f"{path}: no metrics yet (the file is empty)")
     return rows
 
@@ -94,12 +107,13 @@ def draw_panel(ax, runs, key, title, log_scale):
         x, y = series(rows, key)
         if x:
             ax.plot(x, y, color=f"C{i % 10}", linewidth=1.0, label=name)
-    if log_scale and any(series(rows, key)[1] for _, rows in runs):
+    # A log axis needs a positive value to show (a run of zero gradient norms has none).
+    if log_scale and any(v > 0 for _, rows in runs for v in series(rows, key)[1]):
         ax.set_yscale("log")
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    if len(runs) > 1:
+    if len(runs) > 1 and ax.lines:
         ax.legend(fontsize=7)
 
 
@@ -124,15 +138,21 @@ def dashboard_figure(runs, fig=None):
     return fig
 
 
-def load_runs(run_dirs):
+def _folder(run):
+    """A run is named by its folder, also when given as the path of its metrics.jsonl."""
+    return (os.path.dirname(run) or ".") if os.path.isfile(run) else run
+
+
+def load_runs(run_dirs, live=False):
     """[(run name, rows)]: the name is the folder's name (the legend label)."""
-    return [(os.path.basename(os.path.normpath(d)), read_metrics(d)) for d in run_dirs]
+    return [(os.path.basename(os.path.abspath(_folder(d))), read_metrics(d, live)) for d in run_dirs]
 
 
 def plot_run(run_dir):
-    """Write run_dir/loss.png and run_dir/metrics.png; return their paths."""
+    """Write loss.png and metrics.png into the run folder; return their paths."""
     runs = load_runs([run_dir])
-    paths = [os.path.join(run_dir, "loss.png"), os.path.join(run_dir, "metrics.png")]
+    folder = _folder(run_dir)
+    paths = [os.path.join(folder, "loss.png"), os.path.join(folder, "metrics.png")]
     for fig, path in zip((loss_figure(runs), dashboard_figure(runs)), paths):
         # Write then rename: an image viewer refreshing the file never sees half a PNG.
         fig.savefig(path + ".tmp", format="png", dpi=100)
@@ -144,7 +164,7 @@ def plot_runs(run_dirs, out=None):
     """Compare several runs in one dashboard PNG (default: compare.png beside the run folders)."""
     runs = load_runs(run_dirs)
     if out is None:
-        out = os.path.join(os.path.commonpath([os.path.abspath(d) for d in run_dirs]), "compare.png")
+        out = os.path.join(os.path.commonpath([os.path.abspath(_folder(d)) for d in run_dirs]), "compare.png")
     dashboard_figure(runs).savefig(out, dpi=100)
     return out
 
@@ -153,13 +173,17 @@ def watch(run_dirs, every=5.0):
     """A live window redrawn every `every` seconds until closed (needs a display)."""
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise ValueError("--live needs a display (none found: no DISPLAY); draw PNGs without --live instead")
+    for d in run_dirs:
+        if not os.path.exists(d):
+            raise FileNotFoundError(f"{d}: no such run folder")
     import matplotlib.pyplot as plt
 
     fig = plt.figure(figsize=(14, 8), layout="constrained")
     plt.show(block=False)
     while plt.fignum_exists(fig.number):
         fig.clear()
-        dashboard_figure(load_runs(run_dirs), fig)
+        # live: the window may open before the first step is written, and a line may be half written.
+        dashboard_figure(load_runs(run_dirs, live=True), fig)
         fig.canvas.draw_idle()
         plt.pause(every)
 

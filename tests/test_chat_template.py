@@ -168,6 +168,24 @@ def test_errors_where_jinja_fails(jinja_render):
         render([{"role": "user", "content": "a"}], "smollm3", tools={"name": "x"})
 
 
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_missing_keys_and_odd_roles_are_named(jinja_render, template):
+    user = {"role": "user", "content": "a"}
+    cases = [([user, {"content": "b"}], r"^message 1: missing key 'role' \(expected"),
+             ([user, {"role": "assistant"}], r"^message 1: missing key 'content' \(expected"),
+             ([{"role": "assistant", "tool_calls": []}], r"^message 0: missing key 'content'"),
+             ([user, {"role": "developer", "content": "b"}], r"^message 1: role 'developer' is not one of"),
+             ([user, {"role": "User", "content": "b"}], r"^message 1: role 'User' is not one of"),
+             ([user, {"role": None, "content": "b"}], r"^message 1: role None is not one of"),
+             ([user, "hello"], r"^message 1: expected a dict with 'role' and 'content', got str")]
+    for msgs, error in cases:
+        with pytest.raises(ValueError, match=error) as e:
+            render(msgs, template, today=DAY)
+        assert "\n" not in str(e.value)
+    if template == "smollm3":  # what the real template does instead: an empty answer, without a word
+        assert "<|im_start|>assistant\n<|im_end|>" in jinja_render([{"role": "assistant"}], "smollm3")
+
+
 # ---- against transformers itself -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_tokenizer(smollm2_dir):
@@ -300,9 +318,13 @@ def test_straddling_token_is_trained(tok):
     # "\n" ending the header + "\n\n" starting the content become one token: trained, so the answer stays whole.
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "\n\nAnswer"}]
     ex = tokenize_conversation(tok, msgs, "chatml")
-    runs = trained_runs(tok, ex)
-    assert len(runs) == 1 and runs[0].endswith("\n\nAnswer<|im_end|>")
-    assert runs[0] in ("\n\n\nAnswer<|im_end|>", "\n\nAnswer<|im_end|>")
+    ids, offsets = tok.encode_with_offsets(render(msgs, "chatml"))
+    start = render(msgs, "chatml").index("\n\nAnswer")  # where the content begins
+    straddling = [i for i, (a, b) in enumerate(offsets) if a < start < b]
+    assert len(straddling) == 1, "the header's \\n and the content's \\n\\n should share a token"
+    assert ex["labels"][straddling[0]] == ids[straddling[0]]
+    # So the trained text starts with the header's newline too: one extra "\n", nothing lost.
+    assert trained_runs(tok, ex) == ["\n\n\nAnswer<|im_end|>"]
 
 
 def test_mask_covers_exactly_the_trained_spans_on_random_chats(tok):

@@ -245,11 +245,23 @@ def test_sharegpt_is_converted(tmp_path):
 def test_json_list_input(tmp_path):
     good = json.loads(GOOD)
     p = tmp_path / "d.json"
-    p.write_text(json.dumps([good, {"messages": [{"role": "user", "content": "x"}]}, good], indent=1))
-    with pytest.raises(ValueError, match=r"d\.json:record 1: no assistant turn"):
+    text = json.dumps([good, {"messages": [{"role": "user", "content": "x"}]}, good], indent=1)
+    p.write_text(text)
+    # Each record is located by the line where it starts (counted here the slow, obvious way).
+    starts = [i + 1 for i, l in enumerate(text.split("\n")) if l == " {"]
+    assert len(starts) == 3 and starts[0] == 2
+    with pytest.raises(ValueError, match=rf"d\.json:{starts[1]} \(record 1\): no assistant turn"):
         data.load_conversations(p)
     convs, stats = data.load_conversations(p, skip_bad=True)
-    assert convs == [good["messages"]] * 2 and stats["sources"] == [f"{p}:record 0", f"{p}:record 2"]
+    assert convs == [good["messages"]] * 2 and stats["sources"] == [f"{p}:{starts[0]} (record 0)",
+                                                                 f"{p}:{starts[2]} (record 2)"]
+    # Compact and odd layouts: several records on a line, blank lines, strings holding brackets and commas.
+    odd = ['[' + GOOD + ',' + GOOD + ' ,', '', '  ' + json.dumps({"messages": [{"role": "user", "content": "[,\n]"}]}),
+           ', {"messages": [{"role": "user", "content": "]"}, {"role": "bot", "content": "x"}]}]']
+    p.write_text("\n".join(odd))
+    _, stats = data.load_conversations(p, skip_bad=True)
+    assert stats["sources"] == [f"{p}:1 (record 0)", f"{p}:1 (record 1)"]
+    assert [m.split(": ")[0] for m in stats["problems"]] == [f"{p}:3 (record 2)", f"{p}:4 (record 3)"]
     p.write_text('[\n{"messages": []},\n{oops}\n]')
     with pytest.raises(ValueError, match=r"d\.json:3: not valid JSON"):
         data.load_conversations(p, skip_bad=True)  # a broken file cannot be skipped record by record
@@ -293,6 +305,16 @@ def test_label_at_position_zero_is_not_a_target(monkeypatch):
     examples, stats = data.build_examples(None, [[{"role": "user", "content": "aaa"}], [{"role": "user", "content": "bb"}]])
     assert stats["dropped_no_target"] == 1 and stats["kept"] == 1 and stats["target_tokens"] == 1
     assert data.count_targets([5, IGNORE, 7]) == 1 and data.count_targets(torch.tensor([[5, 6], [IGNORE, 7]])) == 2
+
+
+def test_bad_settings_are_not_blamed_on_conversations(tok):
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]] * 3
+    for kw, error in [({"template": "llama3"}, r"^unknown chat template 'llama3'"),
+                      ({"train_on": "answers"}, r"^train_on='answers'"),
+                      ({"max_length": 0}, r"^max_length=0")]:
+        for skip_bad in (False, True):  # skip_bad must not turn a bad setting into "every record skipped"
+            with pytest.raises(ValueError, match=error):
+                data.build_examples(tok, convs, skip_bad=skip_bad, **kw)
 
 
 def test_template_error_names_its_source(tok):

@@ -54,6 +54,23 @@ def test_masked_ce_matches_pytorch(dtype, tol, seed, p_mask):
     torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("seed,p_mask", [(0, 0.0), (3, 0.5)])
+def test_masked_ce_matches_transformers_causal_lm_loss(seed, p_mask):
+    # transformers' own shift-and-mask (the loss of LlamaForCausalLM(labels=...)): an independent check of the shift.
+    loss_utils = pytest.importorskip("transformers.loss.loss_utils")
+    logits, _, _, labels = make_batch(dtype=torch.float32, seed=seed, p_mask=p_mask)
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss_sum, n = masked_cross_entropy(ours_in, labels)
+    ref = loss_utils.ForCausalLMLoss(ref_in, labels, vocab_size=logits.shape[-1])  # mean over targets
+    torch.testing.assert_close(loss_sum / n, ref, rtol=1e-6, atol=1e-6)
+    (loss_sum / n).backward()
+    ref.backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-5, atol=1e-7)
+    # Unshifted scoring (position t against labels[t]) is a different number: the check can fail.
+    wrong = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert not torch.isclose(wrong, ref, rtol=1e-3)
+
+
 def test_masked_ce_large_logits_are_stable():
     # Without the max subtraction exp(1000) overflows to inf.
     logits, _, _, labels = make_batch(dtype=torch.float32)

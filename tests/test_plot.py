@@ -1,6 +1,7 @@
 """plot.py: PNGs from metrics.jsonl for one run and several, and clear errors for bad files."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,52 @@ def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
         plot.read_metrics(str(tmp_path))
     assert plot.main([str(tmp_path / "nope")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_odd_but_valid_metrics_still_plot(tmp_path, recwarn):
+    """One step, NaN and inf values, fields missing or null, a zero gradient norm: all still give PNGs."""
+    runs = {
+        "one-step": [{"step": 0, "loss": 2.5, "lr": 0.0, "grad_norm": 1.0}],
+        "nan": [{"step": s, "loss": float("nan") if s == 2 else 3.0 - s / 10, "grad_norm": float("inf") if s == 1
+                 else 1.0, "val_loss": float("nan") if s == 3 else 2.0} for s in range(6)],
+        "all-nan": [{"step": s, "loss": float("nan")} for s in range(3)],
+        "sparse": [{"step": s, "loss": 1.0, "lr": None, "grad_norm": 0.0} for s in range(3)],
+    }
+    for name, rows in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for path in plot.plot_run(str(tmp_path / name)):
+            assert Path(path).read_bytes().startswith(PNG)
+    assert plot.series(plot.read_metrics(str(tmp_path / "nan")), "loss") == ([0, 1, 3, 4, 5], [3.0, 2.9, 2.7, 2.6, 2.5])
+    assert plot.series(plot.read_metrics(str(tmp_path / "nan")), "val_loss")[0] == [0, 1, 2, 4, 5]
+    assert plot.main([str(tmp_path / n) for n in runs] + ["--out", str(tmp_path / "all.png")]) == 0
+    # Nothing to complain about: no log axis without a positive value, no legend without a line.
+    assert not [str(w.message) for w in recwarn.list], [str(w.message) for w in recwarn.list]
+
+
+def test_metrics_file_path_writes_beside_it(tmp_path):
+    run = fake_run(tmp_path / "run", n=3)
+    paths = plot.plot_run(str(run / "metrics.jsonl"))
+    assert paths == [str(run / "loss.png"), str(run / "metrics.png")] and (run / "loss.png").is_file()
+    assert plot.load_runs([str(run / "metrics.jsonl")])[0][0] == "run"
+
+
+def test_not_utf8_names_file_and_line(tmp_path, capsys):
+    run = fake_run(tmp_path / "bad", n=2)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 2, "loss": 1.0, "note": "caf\xe9"}\n')
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "metrics.jsonl:3: not UTF-8 (byte 0xe9)" in err and err.count("\n") == 1
+
+
+def test_live_reading_waits_for_a_file_being_written(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert plot.read_metrics(str(run), live=True) == []  # training has not finished a step yet
+    with pytest.raises(FileNotFoundError):
+        plot.read_metrics(str(run))
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 2.0}\n{"step": 1, "lo')  # a line half written
+    assert [r["step"] for r in plot.read_metrics(str(run), live=True)] == [0]
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
+        plot.read_metrics(str(run))  # a finished file with a broken line is an error

@@ -25,6 +25,9 @@ SETTINGS = [
     (13, 13, 3e-5),
     (0, 1, 3e-5),
     (5, 20, BASE_LR),  # floor == base: flat after warmup
+    (10, 4, 0.0),      # warmup longer than training
+    (10, 4, 3e-5),
+    (3, 0, 0.0),
 ]
 
 
