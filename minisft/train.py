@@ -7,6 +7,7 @@ Lesson 6 reads this file top to bottom. It owns no maths of its own: it wires to
     schedule.py      the learning rate of every step
     generate.py      sample answers during training, to see what the numbers mean
     weights.py       load the base model, save the result in Hugging Face layout
+    checkpoint.py    save and restore the whole training state, to resume exactly
 
 and adds what a run needs to be trusted: gradient accumulation that weighs every target token
 the same, gradient clipping, evaluation, early stopping, checkpoints you can resume from exactly,
@@ -35,7 +36,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -43,9 +43,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from minisft import chat_template, data, schedule
+from minisft.checkpoint import (list_checkpoints, load_checkpoint, load_weights, read_state, remove_partial,
+                                save_checkpoint, save_weights, truncate_jsonl)
 from minisft.default_model import DEFAULT_MODEL
 from minisft.generate import generate
 from minisft.loss import chunked_cross_entropy, masked_cross_entropy
@@ -353,114 +354,8 @@ def write_samples(model, tokenizer, prompts, template, step, out_dir, max_new_to
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, so a run killed while saving keeps the previous one
+# The run folder
 # ---------------------------------------------------------------------------------------------
-def model_tensors(model):
-    """state_dict ready for safetensors: a tied lm_head is stored once (as the embedding)."""
-    sd = model.state_dict()
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-
-
-def load_model_tensors(model, path):
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
-    allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - allowed:
-        raise ValueError(f"{path}: does not fit the model (missing {sorted(set(missing) - allowed)}, "
-                         f"unexpected {sorted(unexpected)})")
-
-
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = (name, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
-    except ImportError:
-        pass
-    return state
-
-
-def set_rng_state(state):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-
-
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-
-
-def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
-    """Write checkpoints/step_N (N = state["step"], steps done) atomically; keep the newest `keep`.
-
-    Everything goes into a hidden temporary folder first, and one os.replace() gives it its
-    name: a step_N folder is complete by construction. A crash mid-save leaves a .tmp-* folder
-    that nobody reads (and the next run removes) next to the previous, intact checkpoint.
-    """
-    os.makedirs(ckpt_dir, exist_ok=True)
-    final = os.path.join(ckpt_dir, f"step_{state['step']:06d}")
-    if os.path.isdir(final):
-        return final  # this very state is already saved (e.g. Ctrl-C right after a periodic save)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-step_{state['step']:06d}-", dir=ckpt_dir)
-    try:
-        save_file(model_tensors(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save(rng_state(), os.path.join(tmp, "rng.pt"))
-        write_json(os.path.join(tmp, "state.json"), state)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old)
-    return final
-
-
-def list_checkpoints(ckpt_dir):
-    """Complete checkpoints, oldest first (temporary .tmp-* folders are never listed)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step_") and n[5:].isdigit())
-    return [os.path.join(ckpt_dir, n) for n in names]
-
-
-def load_checkpoint(path, model, optimizer):
-    """Restore weights, optimizer and RNG states; return the state dict of state.json.
-
-    torch.load(weights_only=True): these are our own files, and even so we never unpickle code.
-    """
-    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    load_model_tensors(model, os.path.join(path, "model.safetensors"))
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True))
-    set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
-    return state
-
-
-def truncate_jsonl(path, keep_before_step):
-    """Keep the lines of an append-only log whose "step" < keep_before_step (rewritten atomically)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] < keep_before_step]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
 def check_out_dir(cfg):
     """Refuse to mix two runs in one folder: an existing run needs --resume or --overwrite.
     Returns the previous run's files that --overwrite will delete."""
@@ -481,8 +376,7 @@ def saved_config(out):
     ckpts = list_checkpoints(os.path.join(out, "checkpoints"))
     if not ckpts:
         raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}")
-    with open(os.path.join(ckpts[-1], "state.json"), encoding="utf-8") as f:
-        return json.load(f)["config"]
+    return read_state(ckpts[-1])["config"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,13 +467,13 @@ def train(cfg):
                                            and torch.cuda.is_bf16_supported())
     device_type = torch.device(device).type
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    if cfg.template is not None:
-        template = cfg.template
-    else:
+    template = cfg.template
+    if template is None:
         try:
             template = chat_template.template_for(tokenizer)
-        except ValueError:
-            template = "smollm2"
+        except ValueError:  # guessing a format would train the model on turns it will never see
+            raise ValueError(f"{cfg.model}: its chat template is not SmolLM2, SmolLM3 or ChatML; choose the "
+                             f"format to train with --template ({', '.join(chat_template.TEMPLATES)})") from None
 
     # ---- data: conversations -> examples (-> packed rows) ---------------------------------
     train_convs, stats = data.load_conversations(cfg.data, skip_bad=cfg.skip_bad)
@@ -609,6 +503,12 @@ def train(cfg):
     else:
         sample_convs = val_convs
     prompts = sample_prompts(sample_convs, cfg.num_samples) if cfg.sample_every else []
+    n_prompts = len(prompts)
+    prompts = [p for p in prompts  # generate() needs room for one new token at least
+               if len(tokenizer.encode(chat_template.render(p, template, add_generation_prompt=True)))
+               < model.config.max_position_embeddings]
+    if len(prompts) < n_prompts:
+        log(f"note: {n_prompts - len(prompts)} sample prompt(s) left out: longer than the model's context")
     if cfg.patience and not val_examples:
         raise ValueError("--patience needs validation data (--val-data or --val-fraction)")
     if cfg.sample_every and not prompts:
@@ -654,9 +554,7 @@ def train(cfg):
             p = os.path.join(out, n)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
         os.makedirs(out, exist_ok=True)
-        for n in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
-            if n.startswith(".tmp-"):  # left by a run killed while saving
-                shutil.rmtree(os.path.join(ckpt_dir, n), ignore_errors=True)
+        remove_partial(ckpt_dir)
 
     def checkpoint_state():
         return dict(state, epoch=state["step"] // steps_per_epoch, batch_in_epoch=state["step"] % steps_per_epoch,
@@ -768,9 +666,7 @@ def train(cfg):
                         state.update(best_val_loss=val_loss, best_step=step, bad_evals=0)
                         if cfg.patience and main_proc:
                             os.makedirs(ckpt_dir, exist_ok=True)
-                            best = os.path.join(ckpt_dir, "best.safetensors")
-                            save_file(model_tensors(model), best + ".tmp", metadata={"format": "pt"})
-                            os.replace(best + ".tmp", best)
+                            save_weights(model, os.path.join(ckpt_dir, "best.safetensors"))
                     else:
                         state["bad_evals"] += 1
                         if cfg.patience and state["bad_evals"] >= cfg.patience:
@@ -811,7 +707,7 @@ def train(cfg):
     if not interrupted and main_proc:
         best = os.path.join(ckpt_dir, "best.safetensors")
         if cfg.patience and os.path.isfile(best):
-            load_model_tensors(model, best)  # early stopping keeps the best weights, not the last
+            load_weights(model, best)  # early stopping keeps the best weights, not the last
             log(f"final/ holds the weights of step {state['best_step']} (best val loss {state['best_val_loss']:.4f})")
         final_dir = os.path.join(out, "final")
         save_pretrained(model, tokenizer, final_dir, chat_template=final_template(tokenizer, template, log),

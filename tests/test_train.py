@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minisft import data, train as T
+from minisft import checkpoint as C, data, train as T
 from minisft.default_model import train_tokenizer, write_model
 from minisft.model import ModelConfig, SmolLM
 from minisft.tokenizer import Tokenizer
@@ -214,18 +214,18 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"step 5: loss is inf.*step_000004"):
         T.train(config(tiny, out, sample_every=0, eval_every=0))
     assert [r["step"] for r in read_metrics(str(out))] == [0, 1, 2, 3, 4]
-    ckpts = T.list_checkpoints(str(out / "checkpoints"))
+    ckpts = C.list_checkpoints(str(out / "checkpoints"))
     assert [os.path.basename(c) for c in ckpts] == ["step_000002", "step_000004"]
     model = SmolLM(tiny["cfg"])
     opt = torch.optim.AdamW(T.param_groups(model, 0.01))
-    assert T.load_checkpoint(ckpts[-1], model, opt)["step"] == 4
+    assert C.load_checkpoint(ckpts[-1], model, opt)["step"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
     out = tmp_path / "atomic"
     calls = {"n": 0}
-    real = T.rng_state
+    real = C.rng_state
 
     def dies(*a, **k):  # the second checkpoint fails after model.safetensors and optimizer.pt are written
         calls["n"] += 1
@@ -233,7 +233,7 @@ def test_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "rng_state", dies)
+    monkeypatch.setattr(C, "rng_state", dies)
     with pytest.raises(OSError, match="disk full"):
         T.train(config(tiny, out, sample_every=0))
     ckdir = out / "checkpoints"
@@ -242,8 +242,8 @@ def test_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
     junk = ckdir / ".tmp-step_000004-x"
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"half")
-    assert [os.path.basename(c) for c in T.list_checkpoints(str(ckdir))] == ["step_000002"]
-    monkeypatch.setattr(T, "rng_state", real)
+    assert [os.path.basename(c) for c in C.list_checkpoints(str(ckdir))] == ["step_000002"]
+    monkeypatch.setattr(C, "rng_state", real)
     summary = T.train(config(tiny, out, sample_every=0, resume=True))
     assert summary["steps"] == 6 and not junk.exists()
 
@@ -305,6 +305,37 @@ def test_bad_arguments_one_line_error(tiny, tmp_path, capsys, args, message):
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_sample_prompt_longer_than_the_context_is_left_out(tiny, tmp_path, capsys):
+    """A validation conversation too long for the model must not stop the run at a sample step."""
+    val = tmp_path / "val.jsonl"
+    long_q = " ".join(["river"] * 400)  # well past max_position_embeddings=256
+    rows = [{"messages": [{"role": "user", "content": long_q}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}]
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    T.train(config(tiny, tmp_path / "run", val_data=str(val), max_steps=2, sample_every=1, eval_every=0))
+    assert "1 sample prompt(s) left out" in capsys.readouterr().out
+    samples = [json.loads(ln) for ln in open(tmp_path / "run" / "samples.jsonl")]
+    assert {r["question"] for r in samples} == {"What is 2 + 2?"}
+
+
+def test_unknown_chat_template_needs_template_flag(tiny, tmp_path, capsys):
+    """A tokenizer whose template is no format minisft renders: an error, not a silent guess."""
+    import shutil
+    model = tmp_path / "llama_style"
+    shutil.copytree(tiny["model"], model)
+    tc_path = model / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["chat_template"] = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    tc_path.write_text(json.dumps(tc))
+    argv = ["--model", str(model), "--data", tiny["train"], "--out", str(tmp_path / "o"), "--device", "cpu",
+            "--max-steps", "1", "--sample-every", "0"]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}: its chat template") and err.count("\n") == 1 and "--template" in err
+    assert not (tmp_path / "o").exists()  # nothing written
+    assert T.main(argv + ["--template", "chatml"]) == 0
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, capsys):
