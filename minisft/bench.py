@@ -2,7 +2,7 @@
 
     python -m minisft.bench [--model M] [--batch 4] [--seq 256] [--repeats 5] [--device cpu]
 
-Used by the lesson on training memory (after lesson 4, the loss). Three steps are timed on the
+Read it after lesson 4 (the loss): it measures what the chunked loss saves. Three steps are timed on the
 same random batch (fixed seed, about 30% of the labels are targets, the rest -100):
 
   forward (no grad)        logits for the whole batch, no autograd graph;
