@@ -14,7 +14,7 @@ conversation with minisft.chat_template.render and shows:
   7. how many tokens each kind of span costs under each template -> runs/01_chat_templates/spans.png
 
 Run:  python lessons/01_chat_templates.py [--model data/base-model | HuggingFaceTB/SmolLM2-135M-Instruct]
-No training: it prints text and one bar chart (runs in about a second).
+No training: it prints text and one bar chart (runs in about two seconds).
 """
 import argparse
 import datetime
@@ -138,4 +138,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model or data file: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

@@ -137,4 +137,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model or data file: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

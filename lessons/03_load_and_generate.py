@@ -62,7 +62,7 @@ def main():
     print(f"   first parameter names: {names[:3]}\n")
 
     # 3. New: generate. Generation is a loop: score the next token, pick one, append, repeat.
-    print("3. completions (the base model was pretrained on data/corpus.txt):")
+    print("3. completions of corpus-style prompts (the default model was pretrained on data/corpus.txt):")
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         greedy = generate(model, ids, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
@@ -130,4 +130,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model or data file: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

@@ -76,7 +76,7 @@ def main():
     print(f"   torch {ref.item():.6f}   |difference| {abs(loss_sum.item() - ref.item()):.2e}")
     # (The mean is high because a base model has never seen <|im_end|>, <think> or the chat layout.)
     print(f"   (uniform guessing would be ln({logits.shape[-1]}) = {torch.log(torch.tensor(float(logits.shape[-1]))).item():.2f}; "
-          f"the base model has never seen <|im_end|> or <think>)\n")
+          f"the default base model has never seen <|im_end|> or <think>)\n")
 
     # 2. New: the chunked loss. Masked positions are dropped BEFORE the output projection, and
     # only CHUNK_SIZE rows of logits exist at a time. Same value, same gradients.
@@ -155,4 +155,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model or data file: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

@@ -8,8 +8,8 @@
 
 Run:  python lessons/05_lr_schedule.py [--model data/base-model]
       MINISFT_FAST=1 python lessons/05_lr_schedule.py     # fewer steps (CI)
-About a minute on 2 CPU cores with the default model (MINISFT_FAST=1: ~20 s).
-The learning rates are for the tiny default model; a real SmolLM2 wants ~1e-5..1e-4.
+About half a minute on 2 CPU cores with the default model (MINISFT_FAST=1: 15 steps per run, not 50).
+The learning rates are for the tiny default model; with --model a real SmolLM the "good" one is 5e-5.
 """
 import argparse
 import os
@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from minisft.default_model import DEFAULT_MODEL
+from minisft.evaluate import REAL_MODEL_LR, same_model
 from minisft.plot import plot_runs, read_metrics
 from minisft.schedule import lr_at
 from minisft.train import TrainConfig, train
@@ -35,7 +36,11 @@ FAST = os.environ.get("MINISFT_FAST", "0") not in ("", "0")
 MAX_STEPS = 15 if FAST else 50  # optimizer steps per run
 WARMUP_STEPS = 5
 BATCH_SIZE = 8
-LRS = {"lr_too_high": 3e-2, "lr_good": 2e-3, "lr_too_low": 3e-5}  # run name -> peak lr
+MAX_LENGTH = 256  # tokens per conversation: every one in data/ fits
+LRS = {"lr_too_high": 3e-2, "lr_good": 2e-3, "lr_too_low": 3e-5}  # run name -> peak lr, for the tiny default
+# With --model a real SmolLM: 3e-5 is no longer too low, and even 1e-3 overwrites what it knows
+# (see REAL_MODEL_LR in minisft/evaluate.py).
+REAL_MODEL_LRS = {"lr_too_high": 3e-2, "lr_good": REAL_MODEL_LR["lr"], "lr_too_low": 1e-6}
 MIN_LR_FRACTION = 0.1  # for the schedule plot: a floor at 10% of the peak
 PLOT_STEPS, PLOT_WARMUP, PLOT_LR = 200, 20, 1e-3  # the schedule of step 1-2 (no training)
 
@@ -73,13 +78,14 @@ def main():
     # 3. New: real training runs. TrainConfig holds every setting of minisft.train; we switch off
     # what a 50-step demo does not need (sample generations, periodic checkpoints and plots).
     run_dirs, results = [], {}
-    for name, lr in LRS.items():
+    lrs = LRS if same_model(args.model, DEFAULT_MODEL) else REAL_MODEL_LRS
+    for name, lr in lrs.items():
         print(f"3. run {name}: peak lr {lr:g}, {MAX_STEPS} steps, warmup {WARMUP_STEPS}")
         cfg = TrainConfig(model=args.model, data=os.path.join(ROOT, "data", "sft_train.jsonl"),
                           val_data=os.path.join(ROOT, "data", "sft_val.jsonl"), out=os.path.join(OUT, name),
                           overwrite=True, lr=lr, warmup_steps=WARMUP_STEPS, max_steps=MAX_STEPS,
-                          batch_size=BATCH_SIZE, eval_every=0, sample_every=0, save_every=0, plot_every=0,
-                          log_every=10, seed=0)
+                          batch_size=BATCH_SIZE, max_length=MAX_LENGTH, eval_every=0, sample_every=0, save_every=0,
+                          plot_every=0, log_every=10, seed=0)
         results[name] = train(cfg)
         run_dirs.append(cfg.out)
         print()
@@ -89,10 +95,13 @@ def main():
     print("4. summary (same data, same steps, only the peak lr differs):")
     for name, r in results.items():
         first = read_metrics(os.path.join(OUT, name))[0]["loss"]
-        print(f"   {name:12s} lr {LRS[name]:<7g} train loss {first:.3f} -> {r['loss']:.3f}   "
+        print(f"   {name:12s} lr {lrs[name]:<7g} train loss {first:.3f} -> {r['loss']:.3f}   "
               f"val loss {r['best_val_loss'] if r['best_val_loss'] is not None else float('nan'):.3f}")
     print(f"   wrote {os.path.relpath(path, ROOT)}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model or data file: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

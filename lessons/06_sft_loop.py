@@ -11,7 +11,8 @@ Run:  python lessons/06_sft_loop.py [--model data/base-model] [--steps 300] [--l
 Out:  runs/06_sft_loop/  (runs/ is the lessons' scratch space: a previous run there is replaced)
       final/ (the fine-tuned model), metrics.jsonl, samples.jsonl and the plots
       runs/06_sft_loop/loss.png, runs/06_sft_loop/metrics.png
-About a minute on 2 CPU cores. MINISFT_FAST=1 runs 30 steps (for CI).
+      runs/06_sft_loop_overfit/loss.png  (a short run that over-fits on purpose: the warning)
+A little over a minute on 2 CPU cores. MINISFT_FAST=1 runs 30 steps (for CI).
 Lesson 7 measures what this run changed; lesson 8 looks at its /think and /no_think modes.
 """
 import argparse
@@ -24,33 +25,36 @@ RUNS = os.environ.get("MINISFT_RUNS", os.path.join(ROOT, "runs"))  # where run o
 sys.path.insert(0, ROOT)
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import sft_config
+from minisft.evaluate import REAL_MODEL_LR, TRAIN_DATA, same_model, sft_config
 from minisft.generate import chat
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
 # The default recipe for the tiny default model (the same values as minisft.evaluate.SFT_RECIPE,
-# which lesson 7 and the tests use; a test checks they agree). For a real SmolLM2-135M use
-# lr ~5e-5 (a big pretrained model needs small steps) and a longer max_length.
+# which lesson 7 and the tests use; a test checks they agree).
 KNOBS = dict(
     max_steps=300,          # optimizer steps (~1.6 epochs of 3000 conversations)
     batch_size=8,           # conversations per micro-batch ...
-    grad_accum=2,           # ... x 2 micro-batches = 16 per optimizer step
+    grad_accum=2,           # New: ... x 2 micro-batches = 16 per optimizer step (lesson 4's accumulation)
     lr=1e-3,                # peak learning rate
     min_lr=1e-4,            # the cosine ends here, not at 0
     warmup_ratio=0.05,      # 5% linear warmup
     weight_decay=0.0,       # little data, few steps: no need to pull weights to 0
     max_length=192,         # tokens per conversation (longer ones lose trailing turns)
-    eval_every=25,          # validation loss every 25 steps
-    patience=4,             # stop after 4 evaluations without a better val loss (keep the best)
-    sample_every=100,       # greedy answers to 3 validation prompts every 100 steps
-    plot_every=25,          # refresh loss.png / metrics.png while training (open them!)
+    eval_every=25,          # New: validation loss every 25 steps
+    patience=4,             # New: stop after 4 evaluations without a better val loss (keep the best)
+    sample_every=100,       # New: greedy answers to 3 validation prompts every 100 steps
+    plot_every=25,          # New: refresh loss.png / metrics.png while training (open them!)
     save_every=0,           # checkpoint only at the end (the run is short)
     log_every=10,           # a progress line every 10 steps
     seed=0,
 )
+# With --model a real SmolLM (135M+), lr and min_lr come from REAL_MODEL_LR (lr 5e-5, 20x smaller):
+# a big pretrained model needs small steps, or SFT overwrites what it knows.
 FAST_STEPS = 30  # MINISFT_FAST=1: CI only checks that the lesson runs
 OUT = os.path.join(RUNS, "06_sft_loop")
+# New: a second, short run that over-fits on purpose, to see the trainer's over-fitting warning.
+OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=10, overfit_evals=3)  # 60 steps = 15 epochs
 QUESTIONS = [  # asked to the fine-tuned model at the end
     [{"role": "system", "content": "You are a concise assistant. /no_think"},
      {"role": "user", "content": "What is 7 + 5?"}],
@@ -63,11 +67,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model folder or Hub id")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {KNOBS['max_steps']})")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {KNOBS['lr']:g})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {KNOBS['lr']:g}; {REAL_MODEL_LR['lr']:g} with another --model)")
     p.add_argument("--out", default=OUT, help="run folder (replaced if it holds a run)")
     args = p.parse_args()
 
     knobs = dict(KNOBS)
+    if not same_model(args.model, DEFAULT_MODEL):
+        knobs.update(REAL_MODEL_LR)
     if os.environ.get("MINISFT_FAST", "0") not in ("", "0"):
         knobs.update(max_steps=FAST_STEPS, eval_every=10, sample_every=FAST_STEPS, plot_every=10)
     if args.steps is not None:
@@ -84,12 +91,38 @@ def main():
     print(f"plots:            {os.path.join(args.out, 'loss.png')}  {os.path.join(args.out, 'metrics.png')}")
     print(f"logs:             {os.path.join(args.out, 'metrics.jsonl')}  {os.path.join(args.out, 'samples.jsonl')}")
 
-    # The fine-tuned model answers like a chat model now: it stops at <|im_end|> by itself.
+    # New: chat() = render with the template + generate + decode. The fine-tuned model answers like a
+    # chat model now: it stops at <|im_end|> by itself. template=None: the one final/ carries, which
+    # is the one this run trained with.
     model, tok = load_pretrained(summary["final"])
     print("\nthe fine-tuned model answers (greedy):")
     for messages in QUESTIONS:
-        answer = chat(model, tok, messages, template=cfg.template or "smollm2", max_new_tokens=64)
+        answer = chat(model, tok, messages, template=cfg.template, max_new_tokens=64)
         print(f"  [{messages[0]['content'].split()[-1]}] {messages[-1]['content']}\n    -> {answer!r}")
+
+    overfit_demo(args.model)
+
+
+def overfit_demo(model):
+    """32 conversations, seen 15 times: the train loss falls towards 0 while the val loss stalls."""
+    if not same_model(model, DEFAULT_MODEL):
+        print("\n(the over-fitting demo runs on the embedded default only: run the lesson without --model to see it)")
+        return
+    out = OUT + "_overfit"
+    os.makedirs(out, exist_ok=True)
+    small = os.path.join(out, "train_32.jsonl")
+    with open(TRAIN_DATA, encoding="utf-8") as src, open(small, "w", encoding="utf-8") as dst:
+        dst.writelines(line for _, line in zip(range(OVERFIT["n_conversations"]), src))
+    print(f"\nover-fitting on purpose: {OVERFIT['n_conversations']} conversations, {OVERFIT['max_steps']} steps -> {out}")
+    knobs = dict(KNOBS, max_steps=OVERFIT["max_steps"], eval_every=OVERFIT["eval_every"],
+                 overfit_evals=OVERFIT["overfit_evals"], batch_size=8, grad_accum=1, patience=0,
+                 sample_every=0, plot_every=0, log_every=OVERFIT["max_steps"])
+    summary = train(sft_config(out, model=model, data=small, **knobs))
+    # The warning above fires once the val loss sits ABOVE the train loss and the gap keeps growing:
+    # the train loss falls towards 0 while the val loss hardly moves -- these 32 answers are being
+    # learnt by heart, not the task. More data, fewer epochs or --patience are the usual answers.
+    print(f"last train loss {summary['loss']:.4f}, best val loss {summary['best_val_loss']:.4f}: the gap is "
+          f"memorised answers. Plot: {os.path.join(out, 'loss.png')}")
 
 
 def train(cfg):
@@ -98,4 +131,7 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model or data file: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

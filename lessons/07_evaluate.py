@@ -8,10 +8,11 @@ checked:
   - answer accuracy (final answer after </think> contains the expected answer), split by kind:
     arithmetic, fact_seen (the fact is in the SFT data), fact_unseen (only in pretraining text)
 
-Run:  python lessons/07_evaluate.py [--base data/base-model] [--tuned runs/06_sft_loop/final]
-The tuned model is lesson 6's; when it is missing, this lesson trains it first with the same recipe.
+Run:  python lessons/07_evaluate.py [--model data/base-model] [--tuned runs/06_sft_loop/final]
+The tuned model is lesson 6's fine-tune of --model; when it is missing, this lesson trains it first
+with the same recipe (a fine-tune of another base model is refused: rerun lesson 6 with this --model).
 Out:  runs/07_evaluate/eval.png (bar chart), runs/07_evaluate/results.jsonl (every answer).
-About 20 s on 2 CPU cores when lesson 6 has run. MINISFT_FAST=1 evaluates 40 records (CI).
+About 10 s on 2 CPU cores when lesson 6 has run. MINISFT_FAST=1 evaluates 40 records (CI).
 """
 import argparse
 import json
@@ -28,8 +29,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import TEST_DATA, evaluate_model, format_table, load_records, sft_default
+from minisft.evaluate import TEST_DATA, evaluate_model, final_answer, format_table, load_records, tuned_model
+from minisft.tokenizer import Tokenizer
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
@@ -71,26 +74,29 @@ def bar_chart(rows, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", default=DEFAULT_MODEL, help="base model folder or Hub id")
-    p.add_argument("--tuned", default=TUNED, help="fine-tuned model folder (trained first when missing)")
+    p.add_argument("--model", "--base", dest="base", default=DEFAULT_MODEL,
+                   help="the base model lesson 6 fine-tuned (folder or Hub id)")
+    p.add_argument("--tuned", default=TUNED,
+                   help=f"its fine-tuned model folder (default {TUNED}: trained first when missing)")
     p.add_argument("--data", default=TEST_DATA)
     args = p.parse_args()
     os.makedirs(OUT, exist_ok=True)
 
-    if not os.path.isdir(args.tuned):
-        print(f"{args.tuned} not found: running lesson 6's recipe first (about a minute)")
-        run = os.path.dirname(args.tuned)
-        args.tuned = sft_default(run, model=args.base, **({"max_steps": 30} if FAST else {}))["final"]
+    # New: the tuned model must be a fine-tune of THIS base model (lesson 6's run records which).
+    args.tuned = tuned_model(args.tuned, args.base, train_if_missing=args.tuned == TUNED,
+                             **({"max_steps": 30} if FAST else {}))
     steps = trained_steps(args.tuned)
     print(f"fine-tuned model: {args.tuned}" + (f" ({steps} optimizer steps)" if steps else ""))
 
     records = load_records(args.data)[:N_RECORDS]
-    print(f"test set: {len(records)} conversations from {args.data}\n")
+    template = template_for(Tokenizer.from_dir(args.tuned))  # the format the tuned model trained on: ask both in it
+    print(f"test set: {len(records)} conversations from {args.data}, rendered with the {template!r} template\n")
     rows, all_results = [], []
     for label, path in (("base", args.base), ("tuned", args.tuned)):
         t0 = time.perf_counter()
         model, tok = load_pretrained(path)
-        results, summary = evaluate_model(model, tok, records, "smollm2", MAX_NEW_TOKENS)
+        # New: evaluate_model = batched greedy answers + the checks of minisft/evaluate.py, per record.
+        results, summary = evaluate_model(model, tok, records, template, MAX_NEW_TOKENS)
         print(f"{label}: answered {len(results)} prompts in {time.perf_counter() - t0:.1f}s; for example:")
         for rec, r in list(zip(records, results))[:3]:
             print(f"  Q {rec['prompt'][-1]['content']!r} (expects {r['expected']!r})")
@@ -108,7 +114,19 @@ def main():
     print(f"\nplot: {os.path.join(OUT, 'eval.png')}   every answer: {os.path.join(OUT, 'results.jsonl')}")
     print("Read it: SFT taught the FORMAT (stop at <|im_end|>, follow /think and /no_think). Facts the SFT "
           "data never\nmentions (fact_unseen) can only come from pretraining: compare them with fact_seen.")
+    # A check is only as good as its rule: "contains the expected answer" does not look at WHICH
+    # subject the answer talks about. Count the right answers that name another subject.
+    tuned = [r for r in all_results if r["model"] == "tuned"]
+    unseen = [(rec, r) for rec, r in zip(records, tuned) if r["kind"] == "fact_unseen" and r["correct"]]
+    other = [(rec, r) for rec, r in unseen if rec["meta"]["subject"].lower() not in r["answer_text"].lower()]
+    if other:
+        rec, r = other[0]
+        print(f"Caution: {len(other)} of the {len(unseen)} tuned fact_unseen answers counted correct do not name "
+              f"the subject asked about,\ne.g. {rec['prompt'][-1]['content']!r} -> {final_answer(r['answer_text'])!r}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model, --tuned or --data: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

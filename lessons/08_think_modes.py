@@ -11,9 +11,10 @@ so one fine-tuned model learns both and the user picks per conversation. This le
   3. takes every test conversation, forces each mode in turn and measures how often a think trace
      appears, how long answers get and how accurate they are -> runs/08_think_modes/modes.png
 
-Run:  python lessons/08_think_modes.py [--tuned runs/06_sft_loop/final]
-The tuned model is lesson 6's; when it is missing, this lesson trains it first with the same recipe.
-About 15 s on 2 CPU cores when lesson 6 has run. MINISFT_FAST=1 uses 40 test conversations (CI).
+Run:  python lessons/08_think_modes.py [--model data/base-model] [--tuned runs/06_sft_loop/final]
+The tuned model is lesson 6's fine-tune of --model; when it is missing, this lesson trains it first
+with the same recipe (a fine-tune of another base model is refused: rerun lesson 6 with this --model).
+About 10 s on 2 CPU cores when lesson 6 has run. MINISFT_FAST=1 uses 40 test conversations (CI).
 """
 import argparse
 import datetime
@@ -29,9 +30,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from minisft.chat_template import render
+from minisft.chat_template import render, template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import KINDS, TEST_DATA, evaluate_model, load_records, sft_default
+from minisft.evaluate import KINDS, TEST_DATA, evaluate_model, load_records, tuned_model
 from minisft.generate import chat
 from minisft.weights import load_pretrained
 
@@ -81,12 +82,15 @@ def plot(stats, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tuned", default=TUNED, help="fine-tuned model folder (trained first when missing)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model lesson 6 fine-tuned (folder or Hub id)")
+    p.add_argument("--tuned", default=TUNED,
+                   help=f"its fine-tuned model folder (default {TUNED}: trained first when missing)")
     p.add_argument("--data", default=TEST_DATA)
     args = p.parse_args()
     os.makedirs(OUT, exist_ok=True)
 
-    # 1. Where the flag goes. SmolLM2 / our data: plain text at the end of the system prompt.
+    # 1. New: with_mode -- forcing a mode only rewrites the flag in the system prompt.
+    # Where the flag goes. SmolLM2 / our data: plain text at the end of the system prompt.
     q = [{"role": "user", "content": QUESTIONS[0]}]
     for mode in ("/think", "/no_think"):
         show(f"smollm2, {mode}", render(with_mode(q, mode), "smollm2", add_generation_prompt=True))
@@ -98,18 +102,17 @@ def main():
              render(with_mode(q, mode), "smollm3", add_generation_prompt=True, today=TODAY))
 
     # 2. Ask the fine-tuned model.
-    if not os.path.isdir(args.tuned):
-        print(f"{args.tuned} not found: running lesson 6's recipe first (about a minute)")
-        args.tuned = sft_default(os.path.dirname(args.tuned), model=DEFAULT_MODEL,
-                                 **({"max_steps": 30} if FAST else {}))["final"]
+    args.tuned = tuned_model(args.tuned, args.model, train_if_missing=args.tuned == TUNED,
+                             **({"max_steps": 30} if FAST else {}))
     model, tok = load_pretrained(args.tuned)
-    print(f"fine-tuned model {args.tuned}, greedy answers:")
+    template = template_for(tok)  # the format it was fine-tuned on (final/ carries it)
+    print(f"fine-tuned model {args.tuned} ({template!r} template), greedy answers:")
     for question in QUESTIONS:
         for mode in ("/think", "/no_think"):
             msgs = with_mode([{"role": "user", "content": question}], mode)
-            print(f"  {mode:9} {question!r}\n     -> {chat(model, tok, msgs, template='smollm2', max_new_tokens=96)!r}")
+            print(f"  {mode:9} {question!r}\n     -> {chat(model, tok, msgs, template=template, max_new_tokens=96)!r}")
 
-    # 3. Every test conversation in both modes.
+    # 3. New: lesson 7's evaluation, run once per forced mode over every test conversation.
     records = load_records(args.data)[:N_RECORDS]
     stats = {}
     print(f"\n{len(records)} test conversations, each asked in both modes:")
@@ -118,10 +121,9 @@ def main():
     for mode in ("/think", "/no_think"):
         forced = [dict(r, prompt=with_mode(r["prompt"], mode), meta=dict(r["meta"], think=mode == "/think"))
                   for r in records]
-        results, summary = evaluate_model(model, tok, forced, "smollm2", max_new_tokens=96)
-        trace = 100 * sum(r["has_think"] for r in results) / len(results)
-        complete = 100 * sum(r["answer_text"].lstrip().startswith("<think>") and "</think>" in r["answer_text"]
-                             for r in results) / len(results)
+        results, summary = evaluate_model(model, tok, forced, template, max_new_tokens=96)
+        trace = 100 * sum(r["has_think"] for r in results) / len(results)  # any <think> at all
+        complete = 100 * sum(r["has_trace"] for r in results) / len(results)  # opens with <think>, closes it
         fmt, acc = 100 * summary["format compliance"][0], 100 * summary["answer accuracy"][0]
         by_kind = [summary[f"  accuracy {k}"][0] for k in KINDS]
         n_tok = sum(r["n_tokens"] for r in results) / len(results)
@@ -139,4 +141,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model, --tuned or --data: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to carry on a run exactly where it stopped.
 
-Lesson 6 stops a run half-way and resumes it; the resumed run ends with the very same weights as
-one that was never interrupted. That takes more than the weights:
+A run stopped half-way (Ctrl-C) and continued with `python -m minisft.train --out DIR --resume` ends
+with the very same weights as one that was never interrupted (tests/test_train.py checks it, bit
+for bit). That takes more than the weights:
 
     checkpoints/step_000200/
         model.safetensors   the weights after 200 optimizer steps (a tied lm_head stored once)

@@ -1,6 +1,6 @@
 """The embedded default base model: a tiny SmolLM pretrained on data/corpus.txt.
 
-    python -m minisft.default_model --out data/base-model [--steps N] [--seed 0]
+    python -m minisft.default_model --out data/base-model --overwrite [--steps N] [--seed 0]
 
 Every lesson fine-tunes this model by default, so the whole course runs offline on a laptop CPU.
 `DEFAULT_MODEL` is the committed folder (Hugging Face layout: config.json, model.safetensors,
@@ -21,6 +21,9 @@ import argparse
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
 
 import torch
@@ -117,21 +120,35 @@ def corpus_loss(model, ids, n_windows=64):
 
 
 def write_model(model, tok, out_dir, dtype=torch.bfloat16):
-    """Hugging Face layout. A tied lm_head is not stored (transformers re-ties it on load)."""
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = model.config.to_hf()
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
-             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-    path = os.path.join(out_dir, "model.safetensors")
-    save_file(state, path, metadata={"format": "pt"})
-    os.chmod(path, 0o644)  # safetensors creates it owner-only; the folder is committed and shared
-    gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"], "pad_token_id": cfg["pad_token_id"]}
-    for name, obj in (("config.json", cfg), ("generation_config.json", gen)):
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    tok.save(out_dir, chat_template=SMOLLM2_CHAT_TEMPLATE)
+    """Hugging Face layout. A tied lm_head is not stored (transformers re-ties it on load).
+
+    The files go to a temporary sibling folder that then replaces out_dir, so a build stopped while
+    writing never leaves a half-written model behind."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-base-model-", dir=parent)
+    try:
+        cfg = model.config.to_hf()
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        gen = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+               "pad_token_id": cfg["pad_token_id"]}
+        for name, obj in (("config.json", cfg), ("generation_config.json", gen)):
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2)
+                f.write("\n")
+        tok.save(tmp, chat_template=SMOLLM2_CHAT_TEMPLATE)
+        # mkdtemp and safetensors create owner-only entries; the folder is committed and shared
+        os.chmod(tmp, 0o755)
+        os.chmod(os.path.join(tmp, "model.safetensors"), 0o644)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def build(out_dir=DEFAULT_MODEL, steps=STEPS, seed=0, corpus_path=CORPUS):
@@ -159,14 +176,24 @@ def build(out_dir=DEFAULT_MODEL, steps=STEPS, seed=0, corpus_path=CORPUS):
     return loss
 
 
-def main():
-    p = argparse.ArgumentParser(description="Rebuild the embedded default base model.")
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minisft.default_model",
+                                description="Rebuild the embedded default base model.")
     p.add_argument("--out", default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: {args.out}: exists and is not a folder", file=sys.stderr)
+        return 2
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        print(f"error: {args.out}: folder is not empty; pass --overwrite to replace it with the rebuilt model",
+              file=sys.stderr)
+        return 2
     build(args.out, args.steps, args.seed)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,9 +10,9 @@ the model answers greedily (all prompts in a few batched calls, left padded), an
 checked against plain rules:
 
 - format: the generation ended by producing <|im_end|> (a stop id; not by running out of tokens)
-  AND the answer shows no role leakage: no <|im_start|> / <|endoftext|> inside it and no line that is
-  a bare role header ("user", "assistant", "system") -- the signs of a model writing the next turn
-  itself.
+  AND the answer shows no role leakage: no control token (<|im_start|>, <|im_end|>, <|endoftext|>)
+  inside it and no line that is a bare role header ("user", "assistant", "system") -- the signs of
+  a model writing the next turn itself.
 - think mode: when the system prompt asks for /think, the answer opens with <think> and closes the
   trace with </think>; with /no_think it contains no <think> at all.
 - answer accuracy: the final answer is the text after the last </think> (the whole answer when there
@@ -38,6 +38,11 @@ SFT_RECIPE = dict(
     max_length=192,  # all but ~20 of 3000 conversations fit (the others lose trailing turns)
     eval_every=25, patience=4, sample_every=100, plot_every=25, save_every=0, log_every=10, seed=0,
 )
+# A real SmolLM (135M parameters and up) was pretrained on trillions of tokens: steps as large as the
+# tiny model's overwrite what it knows. After 30 steps of this recipe at lr 1e-3, SmolLM2-135M-Instruct
+# says the capital of France is "Solven" and a clear sky is golden; at 5e-5 it still says Paris and blue.
+# With any model but the embedded default, the recipe takes the usual SFT learning rate instead.
+REAL_MODEL_LR = dict(lr=5e-5, min_lr=5e-6)
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the checkout's data/
 TRAIN_DATA, VAL_DATA, TEST_DATA = (os.path.join(DATA_DIR, f"sft_{s}.jsonl") for s in ("train", "val", "test"))
 ROLE_HEADER = re.compile(r"(^|\n)(user|assistant|system)[ \t]*(\n|$)")
@@ -45,11 +50,13 @@ KINDS = ("arithmetic", "fact_seen", "fact_unseen")
 
 
 def sft_config(out, model=DEFAULT_MODEL, **overrides):
-    """The TrainConfig of the default SFT run (SFT_RECIPE), writing to `out`; overrides win."""
+    """The TrainConfig of the default SFT run (SFT_RECIPE, with REAL_MODEL_LR unless `model` is the
+    embedded default), writing to `out`; overrides win."""
     from minisft.train import TrainConfig  # imported here: evaluating needs no trainer
 
+    recipe = dict(SFT_RECIPE, **({} if same_model(model, DEFAULT_MODEL) else REAL_MODEL_LR))
     return TrainConfig(**{**dict(model=model, data=TRAIN_DATA, val_data=VAL_DATA, out=out, overwrite=True),
-                          **SFT_RECIPE, **overrides})
+                          **recipe, **overrides})
 
 
 def sft_default(out, model=DEFAULT_MODEL, **overrides):
@@ -59,22 +66,59 @@ def sft_default(out, model=DEFAULT_MODEL, **overrides):
     return train(sft_config(out, model=model, **overrides))
 
 
+def trained_from(final_dir):
+    """The base model (as the run was given it) that the run writing final_dir fine-tuned, or None
+    when that run left no checkpoint to read it from."""
+    from minisft.train import saved_config
+
+    try:
+        return saved_config(os.path.dirname(os.path.abspath(final_dir)))["model"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def same_model(a, b):
+    """Do two model names (folders or Hub ids) point at the same files?"""
+    from minisft.weights import resolve_model_dir
+
+    try:
+        return os.path.realpath(resolve_model_dir(a)) == os.path.realpath(resolve_model_dir(b))
+    except (OSError, ValueError):
+        return a == b
+
+
+def tuned_model(final_dir, base, train_if_missing, **overrides):
+    """Lesson 6's fine-tuned model of `base` in final_dir, for lessons 7 and 8.
+
+    Missing: trained first with the default recipe when train_if_missing (the lessons' own scratch
+    folder), else an error. A final_dir fine-tuned from another base model is an error too: a base
+    vs tuned comparison of two different models would mean nothing."""
+    if not os.path.isdir(final_dir):
+        if not train_if_missing:
+            raise FileNotFoundError(f"{final_dir}: no such fine-tuned model folder")
+        print(f"{final_dir} not found: running lesson 6's recipe on {base} first")
+        return sft_default(os.path.dirname(os.path.abspath(final_dir)), model=base, **overrides)["final"]
+    source = trained_from(final_dir)
+    if source is not None and not same_model(source, base):
+        raise ValueError(f"{final_dir} was fine-tuned from {source}, not from {base}: run "
+                         f"lessons/06_sft_loop.py --model {base} first (or pass --tuned)")
+    return final_dir
+
+
 def load_records(path):
-    """A .jsonl of {"messages": [...], "meta": {...}} -> list of {"prompt": messages, "meta": dict}.
+    """A .jsonl (or .json list) of {"messages": [...], "meta": {...}} -> list of {"prompt": messages, "meta": dict}.
 
     The prompt is the conversation up to (not including) its last assistant turn."""
-    convs, _ = data.load_conversations(path)
-    metas = []
+    convs, stats = data.load_conversations(path)  # validated: every record is a JSON object with messages
     with open(path, encoding="utf-8") as f:
-        for ln in f:
-            if ln.strip():
-                metas.append(json.loads(ln).get("meta") or {})
+        raw = json.load(f) if str(path).lower().endswith(".json") else [json.loads(ln) for ln in f if ln.strip()]
     records = []
-    for i, (conv, meta) in enumerate(zip(convs, metas)):
+    for conv, rec, where in zip(convs, raw, stats["sources"]):
+        meta = rec.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{where}: 'meta' must be an object like {{\"kind\": ..., \"answer\": ...}}")
         last = [j for j, m in enumerate(conv) if m["role"] == "assistant"]
-        if not last:
-            raise ValueError(f"{path}:{i + 1}: no assistant turn to hold out (evaluation needs one)")
-        records.append({"prompt": conv[:last[-1]], "meta": meta})
+        records.append({"prompt": conv[:last[-1]], "meta": meta})  # load_conversations ensures an assistant turn
     return records
 
 
@@ -106,17 +150,20 @@ def check_answer(tokenizer, new_ids, record):
     leak = any(t in raw for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")) or bool(ROLE_HEADER.search(raw))
     text = tokenizer.decode(body_ids, skip_special_tokens=True)
     think = wants_think(record)
-    has_trace = text.lstrip().startswith("<think>") and "</think>" in text
+    has_trace = text.lstrip().startswith("<think>") and "</think>" in text  # a trace opens AND closes
     think_ok = None if think is None else (has_trace if think else "<think>" not in text)
     answer = record["meta"].get("answer")
     return {"answer_text": text, "n_tokens": len(new_ids), "ends_with_im_end": ended, "role_leak": leak,
             "format_ok": ended and not leak, "think_requested": think, "has_think": "<think>" in text,
-            "think_ok": think_ok, "kind": record["meta"].get("kind"), "expected": answer,
+            "has_trace": has_trace, "think_ok": think_ok, "kind": record["meta"].get("kind"), "expected": answer,
             "correct": None if answer is None else contains_answer(final_answer(text), answer)}
 
 
-def generate_answers(model, tokenizer, prompts, template="smollm2", max_new_tokens=96, batch_size=64):
-    """Greedy answers (token id lists) to a list of message lists, batch_size prompts per call."""
+def generate_answers(model, tokenizer, prompts, template=None, max_new_tokens=96, batch_size=64):
+    """Greedy answers (token id lists) to a list of message lists, batch_size prompts per call.
+
+    template None: the one the tokenizer carries (a fine-tuned final/ carries the one it trained with)."""
+    template = template or chat_template.template_for(tokenizer)
     ids = [tokenizer.encode(chat_template.render(p, template, add_generation_prompt=True)) for p in prompts]
     out = []
     for i in range(0, len(ids), batch_size):
@@ -135,7 +182,7 @@ def summarize(results):
     s = {"format compliance": _rate(results, "format_ok"),
          "  ends with <|im_end|>": _rate(results, "ends_with_im_end"),
          "  no role leakage": (lambda r, n: (None if r is None else 1 - r, n))(*_rate(results, "role_leak")),
-         "think trace when /think": _rate(results, "has_think", lambda r: r["think_requested"] is True),
+         "think trace when /think": _rate(results, "has_trace", lambda r: r["think_requested"] is True),
          "no think trace when /no_think": (lambda r, n: (None if r is None else 1 - r, n))(
              *_rate(results, "has_think", lambda r: r["think_requested"] is False)),
          "think mode followed": _rate(results, "think_ok"),
@@ -145,7 +192,7 @@ def summarize(results):
     return s
 
 
-def evaluate_model(model, tokenizer, records, template="smollm2", max_new_tokens=96, batch_size=64):
+def evaluate_model(model, tokenizer, records, template=None, max_new_tokens=96, batch_size=64):
     """Answer every record's prompt and check it -> (per-record results, summary dict)."""
     answers = generate_answers(model, tokenizer, [r["prompt"] for r in records], template, max_new_tokens, batch_size)
     results = [check_answer(tokenizer, new, rec) for new, rec in zip(answers, records)]
@@ -170,10 +217,11 @@ def format_table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate chat models on held-out conversations (format, think mode, answers).")
+    p = argparse.ArgumentParser(prog="python -m minisft.evaluate",
+                                description="Evaluate chat models on held-out conversations (format, think mode, answers).")
     p.add_argument("--model", action="append", help="model folder or Hub name; repeat to compare (default: the base model)")
     p.add_argument("--data", default=TEST_DATA, help="test conversations .jsonl with meta {kind, answer, think}")
-    p.add_argument("--template", default="smollm2", help="chat template: smollm2 | smollm3 | chatml")
+    p.add_argument("--template", help="chat template: smollm2 | smollm3 | chatml (default: the model's own)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--show", type=int, default=3, help="print this many answers per model")
@@ -192,8 +240,8 @@ def main(argv=None):
             for r in results[:args.show]:
                 print(f"  expected {r['expected']!r:12} format_ok={r['format_ok']!s:5} -> {r['answer_text'][:100]!r}")
             rows.append((name, summary))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print()
     print(format_table(rows))

@@ -311,6 +311,14 @@ def evaluate(model, examples, batch_size, pad_id, device, *, chunked=True, autoc
 # ---------------------------------------------------------------------------------------------
 # Sample generations: read what the model says, not just its loss
 # ---------------------------------------------------------------------------------------------
+def overfitting(gaps, n):
+    """True when the gap val_loss - train_loss grew at each of the last n evaluations AND val loss
+    is now above train loss. Early in a run the gap is negative and shrinks towards 0 (the train
+    loss averages steps the model has since improved on): growing, but not memorising."""
+    gaps = gaps[-(n + 1):]
+    return n > 0 and len(gaps) == n + 1 and gaps[-1] > 0 and all(a < b for a, b in zip(gaps, gaps[1:]))
+
+
 def sample_prompts(convs, n):
     """The first n conversations, cut before their last assistant turn: the prompts to answer."""
     prompts = []
@@ -658,7 +666,7 @@ def train(cfg):
                     state["gaps"] = (state["gaps"] + [val_loss - train_loss])[-(cfg.overfit_evals + 1):]
                     g = state["gaps"]
                     log(f"eval step {step}: val loss {val_loss:.4f} (train {train_loss:.4f}, gap {g[-1]:+.4f})")
-                    if cfg.overfit_evals and len(g) > cfg.overfit_evals and all(a < b for a, b in zip(g, g[1:])):
+                    if overfitting(g, cfg.overfit_evals):
                         log(f"warning: the val - train gap grew for {cfg.overfit_evals} evaluations in a row "
                             f"({g[0]:+.4f} -> {g[-1]:+.4f}): the model may be memorising the training set "
                             f"(fewer epochs, a lower --lr or --patience help)")

@@ -156,3 +156,29 @@ def test_load_pretrained_reads_it(model):
     ids = torch.tensor([tokenizer.encode("The capital of Varnia is Oster.")])
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_rebuild_never_overwrites_without_asking(tmp_path, capsys):
+    from minisft.default_model import main
+    out = tmp_path / "my-model"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the user's weights")
+    assert main(["--out", str(out), "--steps", "1"]) == 2  # refused before any training
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == b"the user's weights"
+
+
+def test_write_model_replaces_the_folder_whole(tmp_path, tok):
+    from minisft.default_model import write_model
+    from minisft.weights import load_pretrained
+    cfg = ModelConfig.from_hf(json.loads(Path(DEFAULT_MODEL, "config.json").read_text()))
+    model = SmolLM(cfg)
+    out = tmp_path / "base-model"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    write_model(model, tok, str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["base-model"]  # no temporary folder left behind
+    loaded, _ = load_pretrained(str(out), dtype="float32", device="cpu")
+    assert loaded.num_parameters() == model.num_parameters()

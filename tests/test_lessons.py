@@ -5,6 +5,7 @@ folder at a temporary one, so the tests never touch a user's runs/ in the checko
 into a temporary folder (about a minute on 2 cores) and checks it on the held-out test set.
 """
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import (SFT_RECIPE, TEST_DATA, check_answer, contains_answer, evaluate_model, final_answer,
-                              load_records, sft_default)
+from minisft.evaluate import (REAL_MODEL_LR, SFT_RECIPE, TEST_DATA, check_answer, contains_answer, evaluate_model,
+                              final_answer, load_records, sft_config, sft_default, summarize, tuned_model)
 from minisft.tokenizer import Tokenizer
 from minisft.weights import load_pretrained
 
@@ -35,6 +36,20 @@ def test_there_are_lessons():
     assert len(LESSONS) >= 8, [p.name for p in LESSONS]
 
 
+# Lessons whose output does not depend on MINISFT_FAST nor on floating-point details of the machine:
+# the README's excerpt of their output must appear in it, line for line.
+README_CHECKED = {"01_chat_templates", "02_tokenization_and_masks"}
+
+
+def readme_excerpt(stem):
+    """The lines of the README's output block for lesson `stem` (the first ``` block after its heading)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    heading = re.search(rf"^### \d+\. .*`python3 lessons/{stem}\.py`.*$", text, re.MULTILINE)
+    assert heading, f"README has no section for lessons/{stem}.py"
+    block = re.search(r"^```\n(.*?)^```", text[heading.end():], re.MULTILINE | re.DOTALL)
+    return block.group(1).splitlines()
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
 def test_lesson_runs(lesson, runs_dir):
     env = dict(os.environ, MINISFT_FAST="1", OMP_NUM_THREADS="2", MPLBACKEND="Agg", MINISFT_RUNS=str(runs_dir))
@@ -46,6 +61,29 @@ def test_lesson_runs(lesson, runs_dir):
         path = runs_dir / rel[len("runs/"):]
         assert path.is_file(), f"{lesson.name} names {rel} but did not write it"
         assert path.stat().st_mtime >= start, f"{rel} is left from an earlier run: {lesson.name} did not rewrite it"
+    if lesson.stem == "06_sft_loop":  # the short run that over-fits on purpose must trip the warning
+        assert "warning: the val - train gap grew" in proc.stdout, proc.stdout[-3000:]
+    if lesson.stem in README_CHECKED:
+        for line in readme_excerpt(lesson.stem):
+            # "..." in a README line elides part of it (a line of "..." elides whole lines)
+            pattern = ".*?".join(re.escape(part) for part in line.split("..."))
+            assert re.search(pattern, proc.stdout), f"README line not in the output: {line!r}"
+
+
+def test_readme_names_every_lesson():
+    for lesson in LESSONS:
+        assert readme_excerpt(lesson.stem), lesson.name
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=[p.stem for p in LESSONS])
+def test_bad_model_is_a_one_line_error(lesson, tmp_path):
+    env = dict(os.environ, MINISFT_FAST="1", MPLBACKEND="Agg", MINISFT_RUNS=str(tmp_path))
+    bad = str(tmp_path / "no-such-model")
+    proc = subprocess.run([sys.executable, str(lesson), "--model", bad], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and bad in err[0], proc.stderr[-3000:]
 
 
 def _load_lesson(name):
@@ -57,7 +95,17 @@ def _load_lesson(name):
 
 def test_lesson6_knobs_are_the_default_recipe():
     # Lesson 7, lesson 8 and the threshold test below train with SFT_RECIPE: it must be lesson 6's run.
-    assert _load_lesson("06_sft_loop.py").KNOBS == SFT_RECIPE
+    lesson6 = _load_lesson("06_sft_loop.py")
+    assert lesson6.KNOBS == SFT_RECIPE and lesson6.REAL_MODEL_LR is REAL_MODEL_LR
+
+
+def test_sft_recipe_takes_a_small_lr_for_a_real_model(tmp_path):
+    assert sft_config(str(tmp_path / "a"), DEFAULT_MODEL).lr == SFT_RECIPE["lr"] == 1e-3
+    other = tmp_path / "SmolLM2-135M"
+    other.mkdir()
+    real = sft_config(str(tmp_path / "b"), str(other))
+    assert (real.lr, real.min_lr) == (REAL_MODEL_LR["lr"], REAL_MODEL_LR["min_lr"]) and real.lr <= 1e-4
+    assert sft_config(str(tmp_path / "c"), str(other), lr=3e-4).lr == 3e-4  # an explicit lr wins
 
 
 # ---- the checks of minisft/evaluate.py on hand-made answers --------------------------------
@@ -86,6 +134,43 @@ def test_check_answer_format_and_think():
     assert leak["role_leak"] and not leak["format_ok"]
     leak2 = check_answer(tok, tok.encode("It is 8.<|im_start|>user") + end, plain)
     assert leak2["role_leak"] and not leak2["format_ok"]
+    # A <think> that never closes is no trace: the summary's "think trace" row agrees with "think mode followed".
+    unclosed = check_answer(tok, tok.encode("<think>\nIt is 8.") + end, think)
+    assert unclosed["has_think"] and not unclosed["has_trace"] and not unclosed["think_ok"]
+    summary = summarize([good, unclosed])
+    assert summary["think trace when /think"] == (0.5, 2) and summary["think mode followed"] == (0.5, 2)
+
+
+def test_load_records_jsonl_and_json(tmp_path):
+    recs = [{"messages": [{"role": "system", "content": "s /no_think"}, {"role": "user", "content": "What is 1 + 2?"},
+                          {"role": "assistant", "content": "3"}], "meta": {"kind": "arithmetic", "answer": "3"}},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n", encoding="utf-8")
+    (tmp_path / "t.json").write_text(json.dumps(recs), encoding="utf-8")
+    for name in ("t.jsonl", "t.json"):
+        got = load_records(tmp_path / name)
+        assert [r["meta"] for r in got] == [recs[0]["meta"], {}], name
+        assert got[0]["prompt"] == recs[0]["messages"][:2] and got[1]["prompt"] == recs[1]["messages"][:1], name
+    bad = dict(recs[0], meta="3")
+    (tmp_path / "bad.jsonl").write_text(json.dumps(recs[1]) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: 'meta' must be an object"):
+        load_records(tmp_path / "bad.jsonl")
+
+
+def test_tuned_model_refuses_a_fine_tune_of_another_base(tmp_path):
+    # A run folder as lesson 6 leaves it: final/ and a checkpoint whose state.json names the base model.
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "checkpoints" / "step_000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_000010" / "state.json").write_text(json.dumps({"config": {"model": DEFAULT_MODEL}}))
+    final = str(run / "final")
+    assert tuned_model(final, DEFAULT_MODEL, train_if_missing=False) == final
+    other = tmp_path / "other-base"
+    other.mkdir()
+    with pytest.raises(ValueError, match="was fine-tuned from .* not from .*other-base"):
+        tuned_model(final, str(other), train_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="no such fine-tuned model folder"):
+        tuned_model(str(tmp_path / "missing" / "final"), DEFAULT_MODEL, train_if_missing=False)
 
 
 # ---- the full default run -----------------------------------------------------------------

@@ -320,6 +320,16 @@ def test_sample_prompt_longer_than_the_context_is_left_out(tiny, tmp_path, capsy
     assert {r["question"] for r in samples} == {"What is 2 + 2?"}
 
 
+def test_overfitting_warning_rule():
+    # val loss still catching up with a lagging train loss: the gap grows towards 0, no memorising
+    assert not T.overfitting([-1.58, -0.9, -0.3, -0.06], 3)
+    assert T.overfitting([-0.01, 0.02, 0.05, 0.11], 3)  # above train loss and pulling away
+    assert not T.overfitting([0.02, 0.05, 0.04, 0.11], 3)  # one evaluation did not grow
+    assert not T.overfitting([0.05, 0.11], 3)  # too few evaluations yet
+    assert not T.overfitting([0.01, 0.02, 0.05, 0.11], 0)  # 0 = off
+    assert T.overfitting([9.0, -0.01, 0.02, 0.05, 0.11], 3)  # only the last n + 1 gaps count
+
+
 def test_unknown_chat_template_needs_template_flag(tiny, tmp_path, capsys):
     """A tokenizer whose template is no format minisft renders: an error, not a silent guess."""
     import shutil
