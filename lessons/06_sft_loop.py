@@ -113,7 +113,8 @@ def overfit_demo(model):
     small = os.path.join(out, "train_32.jsonl")
     with open(TRAIN_DATA, encoding="utf-8") as src, open(small, "w", encoding="utf-8") as dst:
         dst.writelines(line for _, line in zip(range(OVERFIT["n_conversations"]), src))
-    print(f"\nover-fitting on purpose: {OVERFIT['n_conversations']} conversations, {OVERFIT['max_steps']} steps -> {out}")
+    print(f"\nover-fitting on purpose: {OVERFIT['n_conversations']} conversations, {OVERFIT['max_steps']} steps -> "
+          f"{os.path.relpath(out)}")
     knobs = dict(KNOBS, max_steps=OVERFIT["max_steps"], eval_every=OVERFIT["eval_every"],
                  overfit_evals=OVERFIT["overfit_evals"], batch_size=8, grad_accum=1, patience=0,
                  sample_every=0, plot_every=0, log_every=OVERFIT["max_steps"])
@@ -122,7 +123,7 @@ def overfit_demo(model):
     # the train loss falls towards 0 while the val loss hardly moves -- these 32 answers are being
     # learnt by heart, not the task. More data, fewer epochs or --patience are the usual answers.
     print(f"last train loss {summary['loss']:.4f}, best val loss {summary['best_val_loss']:.4f}: the gap is "
-          f"memorised answers. Plot: {os.path.join(out, 'loss.png')}")
+          f"memorised answers. Plot: {os.path.relpath(os.path.join(out, 'loss.png'))}")
 
 
 def train(cfg):
