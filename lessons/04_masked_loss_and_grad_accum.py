@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from minisft import data
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.loss import chunked_cross_entropy, masked_cross_entropy
-from minisft.train import accumulate_gradients, batch_loss
+from minisft.loss import batch_loss, chunked_cross_entropy, masked_cross_entropy
+from minisft.train import accumulate_gradients  # the accumulation loop of train.sft_step
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------

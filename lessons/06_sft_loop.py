@@ -7,6 +7,13 @@ Everything from lessons 1-5 in one run of minisft.train.train:
   generations every SAMPLE_EVERY steps (does it stop at <|im_end|> yet?), live plots, a final
   model folder in Hugging Face layout.
 
+Read along:
+  minisft/train.py    sft_step: one optimizer step as the algorithm (global batch, count targets,
+                      accumulate, clip, AdamW at lr_at(step)); train(): the stage and the loop
+  minisft/watch.py    evaluation, sample answers, early stopping, the over-fitting warning
+  minisft/rundir.py   the run folder: metrics, plots, checkpoints, resume, Ctrl-C
+  minisft/config.py   TrainConfig: every knob below, with its default
+
 Run:  python lessons/06_sft_loop.py [--model data/base-model] [--steps 300] [--lr 1e-3]
 Out:  runs/06_sft_loop/  (runs/ is the lessons' scratch space: a previous run there is replaced)
       final/ (the fine-tuned model), metrics.jsonl, samples.jsonl and the plots
@@ -27,6 +34,7 @@ sys.path.insert(0, ROOT)
 from minisft.default_model import DEFAULT_MODEL
 from minisft.evaluate import REAL_MODEL_LR, TRAIN_DATA, same_model, sft_config
 from minisft.generate import chat
+from minisft.train import train
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
@@ -124,11 +132,6 @@ def overfit_demo(model):
     # learnt by heart, not the task. More data, fewer epochs or --patience are the usual answers.
     print(f"last train loss {summary['loss']:.4f}, best val loss {summary['best_val_loss']:.4f}: the gap is "
           f"memorised answers. Plot: {os.path.relpath(os.path.join(out, 'loss.png'))}")
-
-
-def train(cfg):
-    from minisft.train import train as _train  # the whole loop lives in minisft/train.py: read it!
-    return _train(cfg)
 
 
 if __name__ == "__main__":

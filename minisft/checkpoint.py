@@ -12,10 +12,10 @@ for bit). That takes more than the weights:
                             after the resume draws the same ones
         state.json          the step, early-stopping bookkeeping and the run's settings
 
-Every checkpoint is written into a hidden temporary folder first and then renamed into place with
-one os.replace(): a step_N folder is complete by construction, and a run killed while saving
-leaves the previous checkpoint intact. The final model is not saved here but by
-weights.save_pretrained, in the Hugging Face layout.
+Every checkpoint is written into a hidden temporary folder first, fsynced, and renamed into place
+with one os.replace() (files.commit_dir): a step_N folder is complete by construction, even after a
+power cut, and a run killed while saving leaves the previous checkpoint intact. The final model is
+not saved here but by weights.save_pretrained, in the Hugging Face layout, by the same rule.
 """
 import json
 import os
@@ -25,6 +25,8 @@ import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from minisft.files import commit_dir, replace_file
 
 
 def model_tensors(model):
@@ -38,7 +40,7 @@ def model_tensors(model):
 def save_weights(model, path):
     """Write the model's tensors to the safetensors file `path`, atomically (temp file + rename)."""
     save_file(model_tensors(model), path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)
+    replace_file(path + ".tmp", path)
 
 
 def load_weights(model, path):
@@ -91,7 +93,7 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
         with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
             json.dump(state, f, indent=1)
             f.write("\n")
-        os.replace(tmp, final)
+        commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -134,13 +136,29 @@ def load_checkpoint(path, model, optimizer):
     return state
 
 
-def truncate_jsonl(path, keep_before_step):
+def truncate_jsonl(path, keep_before_step, log=print):
     """Keep the lines of an append-only log whose "step" < keep_before_step (rewritten atomically):
-    a resumed run rewrites the steps after its checkpoint, so their old lines must go."""
+    a resumed run rewrites the steps after its checkpoint, so their old lines must go.
+
+    A run killed while appending leaves a torn last line (half a JSON object, no newline): it is
+    dropped with a one-line note. A bad line anywhere else is not a kill: that is an error."""
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] < keep_before_step]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    keep = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            step = json.loads(ln)["step"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines):
+                log(f"note: {path}:{i}: dropped a torn last line (the run was killed while writing it)")
+                continue
+            raise ValueError(f"{path}:{i}: not a JSON object with a \"step\" (the file was edited or damaged)") from None
+        if step < keep_before_step:
+            keep.append(ln)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
+        f.writelines(keep)
     os.replace(path + ".tmp", path)

@@ -26,6 +26,7 @@ The shift happens inside the loss, so labels[0] can never be a target.
 """
 import datetime
 import json
+import math
 import os
 import random
 import re
@@ -422,6 +423,43 @@ def collate(examples, pad_id):
         batch["labels"][b, :n] = torch.tensor(ex["labels"])
         batch["attention_mask"][b, :n] = torch.tensor(ex["seq_ids"]) if "seq_ids" in ex else 1
         batch["position_ids"][b, :n] = torch.tensor(ex["position_ids"]) if "position_ids" in ex else torch.arange(n)
+    return batch
+
+
+def step_batches(examples, global_batch_size, micro_batch_size, seed, pad_id, group_by_length=False, rank=0, world=1):
+    """-> batches(step): the collated micro-batches of optimizer step `step` for process `rank`.
+
+    Step s is global batch s % steps_per_epoch of epoch s // steps_per_epoch (global_batches), so
+    any step can be rebuilt on its own: a resumed run sees exactly the batches it would have seen.
+    Process `rank` takes rows rank, rank + world, ... of the global batch. batches.steps_per_epoch
+    tells the epoch length."""
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    orders = {}  # the current epoch's global batches (one epoch kept at a time)
+
+    def batches(step):
+        epoch, b = divmod(step, batches.steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = global_batches(lengths, global_batch_size, seed, epoch, group_by_length)
+        gb = orders[epoch][b]
+        mine = micro_batches(gb[rank::world], micro_batch_size)
+        if not mine:  # fewer examples than processes in a last partial batch: a no-target stand-in
+            stand_in = collate([examples[gb[0]]], pad_id)
+            stand_in["labels"].fill_(IGNORE)
+            return [stand_in]
+        return [collate([examples[i] for i in mb], pad_id) for mb in mine]
+
+    batches.steps_per_epoch = math.ceil(len(examples) / global_batch_size)
+    return batches
+
+
+def to_device(batch, device):
+    """Move a collated batch to `device`. An attention mask of all ones (no padding, no packing)
+    is dropped: the model then uses the plain causal mask, which is faster."""
+    plain = bool((batch["attention_mask"] == 1).all())  # checked before the copy: no GPU sync
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if plain:
+        batch["attention_mask"] = None
     return batch
 
 

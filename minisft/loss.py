@@ -177,3 +177,15 @@ def chunked_token_stats(hidden, weight, labels, chunk_size=1024):
         c, e = _stats(F.linear(h[s:s + chunk_size], weight), targets[s:s + chunk_size])
         n_correct, entropy_sum = n_correct + c, entropy_sum + e
     return n_correct, entropy_sum, targets.numel()
+
+
+def batch_loss(model, batch, chunked=True):
+    """The loss of one collated micro-batch, as the trainer and the evaluation compute it.
+
+    batch: input_ids, labels, position_ids [B, T] and attention_mask [B, T] or None (data.to_device).
+    Returns (loss_sum: 0-dim tensor, n_targets: int): summed token losses, not a mean.
+    chunked=True scores the hidden states chunk by chunk (the full logits never exist)."""
+    args = (batch["input_ids"], batch["position_ids"], batch["attention_mask"])
+    if chunked:
+        return chunked_cross_entropy(model.hidden_states(*args), model.lm_head.weight, batch["labels"])
+    return masked_cross_entropy(model(*args), batch["labels"])

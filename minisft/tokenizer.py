@@ -110,6 +110,25 @@ class Tokenizer:
     def im_end_id(self):
         return self.token_to_id("<|im_end|>")
 
+    def check_fits(self, vocab_size, source, needs=()):
+        """Raise ValueError when this tokenizer cannot drive a model with `vocab_size` embedding rows.
+
+        Checked when a model is loaded, not at the first training step: an id at or above
+        vocab_size would fail deep inside the embedding lookup as a bare IndexError, and a missing
+        special token (the eos or pad named in tokenizer_config.json, or `needs`, e.g. the chat
+        template's <|im_start|> <|im_end|>) would fail later still. `source` names the folder."""
+        vocab = self.tk.get_vocab(with_added_tokens=True)
+        token, top = max(vocab.items(), key=lambda kv: kv[1])
+        if top >= vocab_size:
+            raise ValueError(f"{source}: tokenizer.json has token {token!r} with id {top}, but the model has only "
+                             f"{vocab_size} embedding rows (config.json vocab_size): this tokenizer does not "
+                             f"belong to this model")
+        named = [(w, t) for w, t in (("eos_token", self.eos_token), ("pad_token", self.pad_token)) if t is not None]
+        for what, tok in named + [("chat template token", t) for t in needs]:
+            if tok not in vocab:
+                raise ValueError(f"{source}: the {what} {tok!r} is not in tokenizer.json's vocabulary "
+                                 f"(tokenizer_config.json names it, or the chat template needs it)")
+
     def stop_ids(self):
         """Ids that end an assistant turn: eos and `<|im_end|>` (the same id for SmolLM2)."""
         ids = {self.eos_id}

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from minisft import files as disk  # durable writes (files.py)
 from minisft.model import ModelConfig, SmolLM
 from minisft.tokenizer import Tokenizer
 
@@ -245,6 +246,7 @@ def load_pretrained(name_or_path, dtype=None, device=None):
     tokenizer = None
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         tokenizer = Tokenizer.from_dir(folder)
+        tokenizer.check_fits(config.vocab_size, folder)
     return model, tokenizer
 
 
@@ -304,6 +306,7 @@ def save_pretrained(model, tokenizer, out_dir, chat_template=None, overwrite=Fal
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp, chat_template=chat_template)
+        disk.sync_tree(tmp)  # durable before the rename makes it visible (files.py says why)
         if os.path.isdir(out_dir) and os.listdir(out_dir):
             old = _fresh_name(out_dir, "old")
             os.rename(out_dir, old)
@@ -317,6 +320,7 @@ def save_pretrained(model, tokenizer, out_dir, chat_template=None, overwrite=Fal
             if os.path.isdir(out_dir):
                 os.rmdir(out_dir)  # empty: a folder cannot be renamed onto it on every OS
             os.rename(tmp, out_dir)
+        disk.fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,58 @@
+"""Writing files so that a crash or a power cut never leaves a half-written one behind.
+
+Used by checkpoint.py (checkpoints), weights.py (final/, any saved model) and rundir.py (the run
+folder's logs and lock). Two guarantees, and what each costs:
+
+- Atomic: a file or folder is written under a temporary name beside its destination and renamed
+  into place with os.replace(). A reader sees the old version or the new one, never half of one;
+  a process killed mid-write leaves only a temporary name, which nothing reads.
+- Durable: a rename can reach the disk BEFORE the data it names. After a power cut the new name may
+  then point at empty or zeroed files. So: fsync every file, then the folder that holds them (its
+  list of names), then rename, then fsync the parent (which records the rename). After that, a
+  checkpoint that looks complete is complete.
+
+fsync costs a few milliseconds per file on an SSD: nothing next to a training step, which is why
+only checkpoints and saved models pay it, not the per-step metrics lines.
+"""
+import os
+
+
+def fsync_file(path):
+    """Flush one file's data to the disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path):
+    """Flush a folder's list of names (a new file, a rename) to the disk. Windows cannot open a
+    folder for fsync and orders its metadata writes itself: there this does nothing."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder):
+    """fsync every file below `folder`, then each folder, deepest first."""
+    for here, dirs, names in os.walk(folder, topdown=False):
+        for n in names:
+            fsync_file(os.path.join(here, n))
+        fsync_dir(here)
+
+
+def commit_dir(tmp, final):
+    """Make the finished temporary folder `tmp` durable and rename it to `final` (which must not
+    exist, or be an empty folder on POSIX); then record the rename in the parent."""
+    sync_tree(tmp)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def replace_file(tmp, final):
+    """Durably rename the finished file `tmp` onto `final`."""
+    fsync_file(tmp)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
