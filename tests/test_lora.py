@@ -180,3 +180,204 @@ def test_merge_in_bf16_keeps_dtype():
     randomize_b(model)
     merge_lora(model)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+# ---- adapter folders: minisft <-> peft <-> transformers ----------------------------------------------
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+transformers.logging.set_verbosity_error()
+
+
+def hf_logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """A tiny random Llama saved by transformers (tied embeddings): the base of the tiny tests."""
+    cfg = transformers.LlamaConfig(**{k: v for k, v in TINY.items()}, tie_word_embeddings=True, rope_theta=50000.0)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("hf") / "base"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def our_adapter(hf_base):
+    """minisft's LoRA on hf_base, moved off its init by a few AdamW steps, saved with save_adapter.
+    -> (adapter folder, the logits of minisft's LoRA model on ids())"""
+    from minisft.lora import save_adapter
+    from minisft.weights import load_pretrained
+    model, _ = load_pretrained(hf_base, device="cpu")
+    add_lora(model, r=4, alpha=8, targets="all-linear")
+    opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=1e-2)
+    x = ids()
+    for _ in range(3):
+        model(x)[:, :-1].log_softmax(-1).gather(-1, x[:, 1:, None]).sum().neg().backward()
+        opt.step(), opt.zero_grad()
+    model.eval()
+    out = save_adapter(model, None, hf_base.parent / "ours", hf_base)
+    with torch.no_grad():
+        return out, model(x)
+
+
+def test_peft_loads_our_adapter(hf_base, our_adapter):
+    adapter_dir, want = our_adapter
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_base)
+    x = ids()
+    base_logits = hf_logits(base, x)
+    pm = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    assert max_diff(hf_logits(pm, x), want) <= 1e-5
+    assert max_diff(base_logits, want) > 1e-3  # the adapter really changes the output
+    cfg = peft.PeftConfig.from_pretrained(adapter_dir)
+    assert (cfg.r, cfg.lora_alpha, cfg.task_type, set(cfg.target_modules)) == (4, 8, "CAUSAL_LM", set(ALL))
+
+
+def test_load_pretrained_adapter_and_merge_cli(hf_base, our_adapter, tmp_path):
+    from minisft.lora import main
+    from minisft.weights import load_pretrained
+    adapter_dir, want = our_adapter
+    model, tok = load_pretrained(adapter_dir, device="cpu")
+    assert tok is None and sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * len(ALL)
+    with torch.no_grad():
+        assert max_diff(model(ids()), want) <= 1e-5
+    assert main(["merge", str(adapter_dir), str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert max_diff(hf_logits(merged, ids()), want) <= 1e-5
+
+
+def test_merge_cli_errors(our_adapter, tmp_path):
+    import subprocess
+    import sys
+    adapter_dir, _ = our_adapter
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    for args in ([str(adapter_dir), str(tmp_path / "out")], [str(tmp_path / "nowhere"), str(tmp_path / "o2")]):
+        r = subprocess.run([sys.executable, "-m", "minisft.lora", "merge", *args], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_relative_base_and_overwrite(hf_base, our_adapter, tmp_path, monkeypatch):
+    from minisft.lora import save_adapter
+    from minisft.weights import load_pretrained
+    model, _ = load_pretrained(our_adapter[0], device="cpu")
+    out = hf_base.parent / "relative"
+    save_adapter(model, None, out, "../base", overwrite=True)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_adapter(model, None, out, "../base")
+    with pytest.raises(FileExistsError, match="not an adapter folder"):
+        save_adapter(model, None, hf_base, "x", overwrite=True)
+    monkeypatch.chdir(tmp_path)  # "../base" is found beside the adapter, not from here
+    again, _ = load_pretrained(out, device="cpu")
+    with torch.no_grad():
+        assert max_diff(again(ids()), our_adapter[1]) <= 1e-5
+    assert sorted(p.name for p in hf_base.parent.iterdir() if p.name.startswith(".")) == []  # no temp left
+
+
+@pytest.mark.parametrize("tied,targets", [(True, "all-linear"), (False, ["q_proj", "v_proj", "lm_head"])])
+def test_we_load_peft_adapter(tmp_path, tied, targets):
+    from minisft.lora import load_adapter
+    from minisft.weights import load_pretrained
+    cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=tied, rope_theta=50000.0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    want = hf_logits(pm, ids())
+    model, _ = load_pretrained(tmp_path / "base", device="cpu")
+    names = load_adapter(model, tmp_path / "peft")
+    assert ("lm_head" in names) == (not tied)
+    with torch.no_grad():
+        assert max_diff(model(ids()), want) <= 1e-5
+    via_folder, _ = load_pretrained(tmp_path / "peft", device="cpu")  # its base_model_name_or_path
+    with torch.no_grad():
+        assert max_diff(via_folder(ids()), want) <= 1e-5
+
+
+def test_real_smollm2_adapter_in_peft(smollm2_dir, tmp_path):
+    from minisft.lora import save_adapter
+    from minisft.weights import load_pretrained
+    model, tok = load_pretrained(smollm2_dir, device="cpu")
+    add_lora(model, r=8, alpha=16)
+    randomize_b(model, seed=3)
+    x = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        want = model(x)
+    out = save_adapter(model, tok, tmp_path / "ad", str(smollm2_dir), chat_template="{{ 'x' }}")
+    assert {p.name for p in out and __import__("pathlib").Path(out).iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    del model
+    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir), out).eval()
+    got = hf_logits(pm, x)
+    assert max_diff(got, want) <= 1e-5
+    again, tok2 = load_pretrained(out, device="cpu")
+    assert tok2.chat_template == "{{ 'x' }}"
+    with torch.no_grad():
+        assert max_diff(again(x), want) <= 1e-5
+
+
+# ---- bad adapter folders: one line naming the file and the key -----------------------------------------
+def _broken_copy(src, dst, edit_config=None, edit_tensors=None):
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        edit_config(cfg)
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        t = load_file(dst / "adapter_model.safetensors")
+        edit_tensors(t)
+        save_file(t, dst / "adapter_model.safetensors")
+    return dst
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.mark.parametrize("config,tensors,match", [
+    (lambda c: c.update(peft_type="IA3"), None, "adapter_config.json: peft_type is 'IA3', expected 'LORA'"),
+    (lambda c: c.update(use_dora=True), None, "adapter_config.json: use_dora=true is not supported"),
+    (lambda c: c.pop("r"), None, "adapter_config.json: missing required key 'r'"),
+    (lambda c: c.update(r=0), None, r"adapter_config.json: LoRA r=0"),
+    (lambda c: c.update(target_modules=["q_proj"]), None, "adapter_model.safetensors: unexpected key .base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"),
+    (None, lambda t: t.pop(Q), f"adapter_model.safetensors: missing key {Q}"),
+    (None, lambda t: t.update({Q: torch.zeros(4, 63)}), f"adapter_model.safetensors: {Q} has shape \\[4, 63\\], expected \\[4, 64\\]"),
+    (None, lambda t: t.update({"base_model.model.model.layers.0.mlp.lora_A.weight": torch.zeros(1)}), "unexpected key 'base_model.model.model.layers.0.mlp.lora_A.weight'"),
+])
+def test_bad_adapter_errors(hf_base, our_adapter, tmp_path, config, tensors, match):
+    from minisft.weights import load_pretrained
+    bad = _broken_copy(our_adapter[0], tmp_path / "bad", config, tensors)
+    with pytest.raises(ValueError, match=match) as e:
+        load_pretrained(bad, device="cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_files(hf_base, our_adapter, tmp_path):
+    from minisft.lora import load_adapter
+    bad = _broken_copy(our_adapter[0], tmp_path / "bad")
+    (bad / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors: missing"):
+        load_adapter(tiny_model(), bad)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json: no adapter_config.json"):
+        load_adapter(tiny_model(), tmp_path)
+    (bad / "adapter_config.json").write_text("{\n  \"r\": 4,,\n}")
+    with pytest.raises(ValueError, match="adapter_config.json: line 2: not valid JSON"):
+        load_adapter(tiny_model(), bad)
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], '
+                                             '"base_model_name_or_path": "no/such-model-here"}')
+    with pytest.raises((FileNotFoundError, ValueError), match="base model 'no/such-model-here' of this adapter"):
+        from minisft.weights import load_pretrained
+        load_pretrained(bad, device="cpu")
