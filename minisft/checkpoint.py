@@ -29,12 +29,25 @@ from safetensors.torch import load_file, save_file
 from minisft.files import commit_dir, replace_file
 
 
-def model_tensors(model):
-    """state_dict ready for safetensors: on the CPU, contiguous, a tied lm_head stored once."""
-    sd = model.state_dict()
+def checkpoint_names(model):
+    """The names of the tensors a checkpoint keeps.
+
+    Full fine-tuning: the whole state_dict (a tied lm_head stored once). With LoRA only the
+    parameters that train, the adapters: the frozen base never changes, and --resume reads it
+    again from --model, so a checkpoint of a 3B model holds megabytes, not gigabytes."""
+    params = dict(model.named_parameters())
+    if not all(p.requires_grad for p in params.values()):
+        return sorted(n for n, p in params.items() if p.requires_grad)
+    names = set(model.state_dict())
     if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        names.discard("lm_head.weight")
+    return sorted(names)
+
+
+def model_tensors(model):
+    """{name: tensor} of checkpoint_names(model), on the CPU and contiguous (as safetensors wants)."""
+    sd = model.state_dict()
+    return {k: sd[k].detach().contiguous().cpu() for k in checkpoint_names(model)}
 
 
 def save_weights(model, path):
@@ -44,12 +57,14 @@ def save_weights(model, path):
 
 
 def load_weights(model, path):
-    """Load a safetensors file written by save_weights into `model`; every tensor must fit."""
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
-    allowed = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - allowed:
-        raise ValueError(f"{path}: does not fit the model (missing {sorted(set(missing) - allowed)}, "
-                         f"unexpected {sorted(unexpected)})")
+    """Load a safetensors file written by save_weights into `model`: exactly the tensors
+    checkpoint_names(model) names must be there, each of the right shape."""
+    tensors = load_file(path)
+    expected = set(checkpoint_names(model))
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: does not fit the model (missing {sorted(expected - set(tensors))}, "
+                         f"unexpected {sorted(set(tensors) - expected)})")
+    model.load_state_dict(tensors, strict=False)
 
 
 def rng_state():

@@ -34,6 +34,10 @@ HELP = {
     "log_every": "steps between progress lines", "device": "cuda | mps | cpu (default: best available)",
     "dtype": "auto | float32 | bfloat16 (autocast)", "chunked_loss": "chunked loss from hidden states",
     "stop_after_step": "stop as if Ctrl-C was pressed after this many steps",
+    "lora_r": "LoRA rank (0 = full fine-tuning)", "lora_alpha": "LoRA alpha (update scale alpha / r)",
+    "lora_dropout": "dropout on the LoRA adapters' input", "lora_targets": "all-linear or names, e.g. q_proj,v_proj",
+    "base_dtype": "frozen base dtype with LoRA: auto | float32 | bfloat16",
+    "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.
 OPTIONAL_TYPES = {"val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,

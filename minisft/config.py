@@ -61,10 +61,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     plot_every: int = 50  # steps between plot refreshes; 0 = at the end only
     log_every: int = 1  # steps between progress lines
+    # -- LoRA (lesson 9): train small low-rank adapters instead of every weight
+    lora_r: int = 0  # adapter rank; 0 = full fine-tuning
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the input of the adapters (training only)
+    lora_targets: str = "all-linear"  # all-linear (every linear layer but lm_head) or e.g. q_proj,v_proj
+    base_dtype: str = "auto"  # the frozen base with LoRA: float32 | bfloat16 | auto (bfloat16 on CUDA)
     # -- the machine
     device: str | None = None  # cuda | mps | cpu; None: the best available
     dtype: str = "auto"  # float32 | bfloat16 (autocast, weights stay float32) | auto: bfloat16 on CUDA
     chunked_loss: bool = True  # loss from hidden states, chunk by chunk (never the full logits)
+    grad_checkpointing: bool = False  # keep only each block's input for backward; recompute the rest
     stop_after_step: int | None = None  # behave as if Ctrl-C was pressed after this many steps (tests, demos)
 
 
@@ -72,7 +79,7 @@ class TrainConfig:
 TRAJECTORY_KEYS = ("model", "data", "val_data", "val_fraction", "template", "train_on", "max_length", "packing",
                    "group_by_length", "skip_bad", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                    "warmup_ratio", "max_steps", "epochs", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
-                   "dtype", "chunked_loss")
+                   "dtype", "chunked_loss", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype")
 
 
 def flag(name):
@@ -119,6 +126,17 @@ def check_config(cfg):
             raise bad(name, "a number in [0, 1)")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise bad("dtype", "auto, float32 or bfloat16")
+    if cfg.lora_r < 0:
+        raise bad("lora_r", "an integer >= 0 (0 = full fine-tuning)")
+    if not cfg.lora_alpha > 0:
+        raise bad("lora_alpha", "a number > 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise bad("lora_dropout", "a number in [0, 1)")
+    if cfg.base_dtype not in ("auto", "float32", "bfloat16"):
+        raise bad("base_dtype", "auto, float32 or bfloat16")
+    if cfg.base_dtype == "bfloat16" and not cfg.lora_r:
+        # Full fine-tuning updates the weights themselves: they stay float32 (train.py says why).
+        raise bad("base_dtype", "float32 or auto without --lora-r (a frozen base needs LoRA)")
     if cfg.template is not None and cfg.template not in chat_template.TEMPLATES:
         raise bad("template", f"one of {', '.join(chat_template.TEMPLATES)}")
     if cfg.train_on not in chat_template.TRAIN_ON:

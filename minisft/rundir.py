@@ -26,8 +26,10 @@ import signal
 import sys
 
 from minisft import chat_template
-from minisft.checkpoint import (list_checkpoints, load_weights, read_state, remove_partial, save_checkpoint,
-                                save_weights, truncate_jsonl)
+from minisft.checkpoint import (list_checkpoints, load_checkpoint, load_weights, read_state, remove_partial,
+                                save_checkpoint, save_weights, truncate_jsonl)
+from minisft.config import TRAJECTORY_KEYS, flag
+from minisft.lora import lora_parameters, save_adapter
 from minisft.weights import save_pretrained
 
 # Files a run writes into --out (what --overwrite deletes; nothing else is touched).
@@ -138,6 +140,22 @@ class RunFolder:
         remove_partial(self.ckpt_dir)
         return self
 
+    def resume(self, model, optimizer, cfg, world, keys):
+        """Restore the latest checkpoint into model and optimizer (and the RNG states) -> (state, path).
+
+        The settings that decide the trajectory (config.TRAJECTORY_KEYS) and the number of
+        processes must be those of the checkpoint: else the resumed half would be another run."""
+        ckpt = list_checkpoints(self.ckpt_dir)[-1]
+        saved = load_checkpoint(ckpt, model, optimizer)
+        for k in TRAJECTORY_KEYS:
+            if saved["config"].get(k) != getattr(cfg, k):
+                raise ValueError(f"--resume: {flag(k)}={getattr(cfg, k)!r} differs from the checkpoint's "
+                                 f"{saved['config'].get(k)!r} ({ckpt}/state.json); use the same settings or a new --out")
+        if saved["world_size"] != world:
+            raise ValueError(f"--resume: the run used {saved['world_size']} processes, now {world} "
+                             f"(the global batch would change)")
+        return {k: saved[k] for k in keys}, ckpt
+
     def __enter__(self):
         return self
 
@@ -166,10 +184,16 @@ class RunFolder:
         load_weights(model, best)
         return True
 
-    def save_final(self, model, tokenizer, template):
+    def save_final(self, model, tokenizer, template, base_model):
+        """final/: a model folder in Hugging Face layout; with LoRA a peft adapter folder that
+        names `base_model` (a local folder is written as an absolute path, so it loads from anywhere)."""
         final_dir = os.path.join(self.out, "final")
-        save_pretrained(model, tokenizer, final_dir, chat_template=final_template(tokenizer, template, self.log),
-                        overwrite=True)
+        chat = final_template(tokenizer, template, self.log)
+        if lora_parameters(model):
+            base = os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
+            save_adapter(model, tokenizer, final_dir, base, chat_template=chat, overwrite=True)
+        else:
+            save_pretrained(model, tokenizer, final_dir, chat_template=chat, overwrite=True)
         self.log(f"saved {final_dir}")
         return final_dir
 

@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 
 from minisft import chat_template, data, distributed, schedule
-from minisft.checkpoint import list_checkpoints, load_checkpoint
+from minisft.checkpoint import list_checkpoints
 from minisft.cli import main  # noqa: F401  (python -m minisft.train runs it: see the end of this file)
-from minisft.config import TRAJECTORY_KEYS, TrainConfig, check_config, flag  # noqa: F401
+from minisft.config import TrainConfig, check_config  # noqa: F401
 from minisft.data import to_device  # noqa: F401  (part of this module's API since lesson 4)
+from minisft.lora import add_lora, count_parameters
 from minisft.loss import batch_loss
 from minisft.rundir import TIMING_KEYS, RunFolder, StopRequest, check_out_dir, final_template, fmt_time  # noqa: F401
 from minisft.rundir import peak_memory_mb, saved_config  # noqa: F401
@@ -126,11 +127,14 @@ def param_groups(model, weight_decay):
     - The embedding (tied to lm_head in SmolLM) is indexed by token. AdamW's decay is decoupled:
       it shrinks every row by lr * wd at every step, gradient or not. Rows of tokens the SFT data
       never uses would fade away, drifting from the pretrained model for no reason.
+
+    Frozen parameters (the base model under LoRA) are left out: AdamW never sees them.
     """
     vocab = {id(model.model.embed_tokens.weight), id(model.lm_head.weight)}
     decay, no_decay = [], []
     for _, p in model.named_parameters():  # named_parameters lists a tied tensor once
-        (decay if p.dim() >= 2 and id(p) not in vocab else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in vocab else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -189,13 +193,19 @@ def train(cfg):
     # Why not bfloat16 weights: bf16 keeps 8 bits of mantissa, so an update smaller than ~1/256
     # of a weight rounds away, and fine-tuning's updates (lr 5e-5) are mostly that small.
     # float32 master weights + autocast keep the updates and still run the heavy maths in bf16.
+    # With LoRA the base is frozen: nothing is added to its weights, so bfloat16 loses nothing there
+    # and halves their memory; the adapters, which do train, stay float32 (lora.py).
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_pretrained(cfg.model, dtype=torch.float32, device=device)
+    on_cuda_bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+    bf16_base = cfg.lora_r and (cfg.base_dtype == "bfloat16" or (cfg.base_dtype == "auto" and on_cuda_bf16))
+    model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     if tokenizer is None:
         raise FileNotFoundError(f"{cfg.model}: no tokenizer.json next to the weights (training needs the tokenizer)")
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and str(device).startswith("cuda")
-                                           and torch.cuda.is_bf16_supported())
+    if cfg.lora_r:  # New in lesson 9: freeze the model, train low-rank adapters on its linear layers
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_cuda_bf16)
     device_type = torch.device(device).type
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     template = cfg.template
@@ -229,17 +239,8 @@ def train(cfg):
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "gaps": [],
              "train_since_eval": [0.0, 0], "tokens_seen": 0, "elapsed_s": 0.0, "stop_reason": None}
     run = RunFolder(cfg.out, main_proc, log)
-    if cfg.resume:
-        ckpt = list_checkpoints(run.ckpt_dir)[-1]
-        saved = load_checkpoint(ckpt, model, optimizer)
-        for k in TRAJECTORY_KEYS:
-            if saved["config"].get(k) != getattr(cfg, k):
-                raise ValueError(f"--resume: {flag(k)}={getattr(cfg, k)!r} differs from the checkpoint's "
-                                 f"{saved['config'].get(k)!r} ({ckpt}/state.json); use the same settings or a new --out")
-        if saved["world_size"] != world:
-            raise ValueError(f"--resume: the run used {saved['world_size']} processes, now {world} "
-                             f"(the global batch would change)")
-        state = {k: saved[k] for k in state}
+    if cfg.resume:  # weights, AdamW moments, RNG states and `state` as the last checkpoint left them
+        state, ckpt = run.resume(model, optimizer, cfg, world, keys=list(state))
     watch = Watch(cfg, model, tokenizer, template, val_examples, prompts, device, autocast, rank, world, log)
 
     def save():
@@ -250,8 +251,10 @@ def train(cfg):
         distributed.barrier(world)
         return path
 
-    log(f"model {cfg.model}: {model.num_parameters():,} parameters on {device}"
-        f"{' (bfloat16 autocast)' if use_bf16 else ''}; template {template}")
+    trainable, total = count_parameters(model)
+    log(f"model {cfg.model}: {total:,} parameters on {device}{' (bfloat16 autocast)' if use_bf16 else ''}; "
+        f"template {template}" + (f"; LoRA r={cfg.lora_r}: {trainable:,} trainable ({100 * trainable / total:.2f}%)"
+                                  f"{', base in bfloat16' if bf16_base else ''}" if cfg.lora_r else ""))
     log(f"data: {info['conversations']} training conversations ({info['dropped_no_target']} dropped: nothing to "
         f"train on, {info['truncated']} truncated){f', packed into {len(examples)} rows' if cfg.packing else ''}; "
         f"{len(val_examples)} validation")
@@ -328,7 +331,7 @@ def train(cfg):
             if cfg.patience and run.load_best(model):  # early stopping keeps the best weights, not the last
                 log(f"final/ holds the weights of step {state['best_step']} (best val loss "
                     f"{state['best_val_loss']:.4f})")
-            final_dir = run.save_final(model, tokenizer, template)
+            final_dir = run.save_final(model, tokenizer, template, cfg.model)
         run.refresh_plots()
         distributed.barrier(world)
     last_loss = run.last_loss() if main_proc else None
