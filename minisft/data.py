@@ -91,19 +91,19 @@ def load_conversations(spec, skip_bad=False, subset=None, split=None):
     Returns (convs, stats):
       convs: list of conversations (module docstring: a list of messages for a plain chat)
       stats: {"records": records seen, "loaded": int, "skipped": int, "format": "chat" |
-              "prompt/completion" | "text", "skipped_by_reason": {reason: count}, "problems": first
+              "prompt/completion" | "plain prompt/completion" | "text", "skipped_by_reason": {reason: count}, "problems": first
               MAX_PROBLEMS messages, "sources": ["path:line" of each loaded conversation, parallel to convs]}
     """
     stats = {"records": 0, "loaded": 0, "skipped": 0, "format": None, "skipped_by_reason": {}, "problems": [],
              "sources": []}
-    convs, first = [], None  # first: the key that set the format, and where
+    convs, first = [], None  # first: (format, key, location) of the record that set the format
     for where, parse in read_records(spec, subset, split):
         stats["records"] += 1
         try:
             rec = parse()
             if first is None and isinstance(rec, dict):
                 key = next((k for k in FORMATS if k in rec), None)
-                first = (key, where) if key else None
+                first = (_format_of(rec, key), key, where) if key else None
             convs.append(_conversation(rec, first))
             stats["sources"].append(where)
         except _Bad as bad:
@@ -115,22 +115,29 @@ def load_conversations(spec, skip_bad=False, subset=None, split=None):
             if len(stats["problems"]) < MAX_PROBLEMS:
                 stats["problems"].append(message)
     stats["loaded"] = len(convs)
-    stats["format"] = FORMATS[first[0]] if first else None
+    stats["format"] = first[0] if first else None
     if not convs:
         raise ValueError(f"{spec}: no conversation loaded ({stats['records']} records, {stats['skipped']} skipped) "
                          f"(expected at least one valid record)")
     return convs, stats
 
 
+def _format_of(rec, key):
+    if key == "prompt":  # TRL: a list of messages is conversational, a string is plain text
+        return "prompt/completion" if isinstance(rec["prompt"], list) else "plain prompt/completion"
+    return FORMATS[key]
+
+
 def _conversation(rec, first):
     """One decoded record -> a conversation (module docstring), or raise _Bad saying what is wrong.
 
-    first: (key, location) of the record that set the dataset's format, or None when none has yet.
+    first: (format, key, location) of the record that set the dataset's format, or None when none has yet.
     """
     if not isinstance(rec, dict):
         raise _Bad("not_object", f"the record is a JSON {type(rec).__name__} "
                                  f"(expected an object with 'messages' or 'conversations')")
-    fmt = FORMATS[first[0]] if first else None
+    fmt, key, origin = first or (None, None, None)
+    like_first = f", as in the dataset's first record, {origin}" if origin else ""
     if fmt in (None, "chat") and ("messages" in rec or "conversations" in rec):
         sharegpt = "messages" not in rec
         messages = _messages(rec, "conversations" if sharegpt else "messages", sharegpt)
@@ -139,14 +146,13 @@ def _conversation(rec, first):
                                        "to train on)")
         settings = _settings(rec)
         return {"messages": messages, "settings": settings, "completion_start": 0} if settings else messages
-    if fmt == "prompt/completion" and "prompt" in rec:
+    if fmt in ("prompt/completion", "plain prompt/completion") and "prompt" in rec:
         if "completion" not in rec:
             raise _Bad("missing_key", "missing key 'completion' (expected 'prompt' and 'completion')")
-        if isinstance(rec["prompt"], str) or isinstance(rec["completion"], str):
-            for key in ("prompt", "completion"):
-                if not isinstance(rec[key], str):
-                    raise _Bad("bad_content", f"'{key}' is {_json_type(rec[key])} (expected a string, as in "
-                                              f"the dataset's first record, {first[1]})")
+        if fmt == "plain prompt/completion":
+            for k in ("prompt", "completion"):
+                if not isinstance(rec[k], str):
+                    raise _Bad("bad_content", f"'{k}' is {_json_type(rec[k])} (expected a string{like_first})")
             _no_rendered_settings(rec)
             return {"prompt": rec["prompt"], "completion": rec["completion"]}
         prompt, completion = _messages(rec, "prompt"), _messages(rec, "completion")
@@ -162,10 +168,8 @@ def _conversation(rec, first):
     if fmt in (None, "chat"):
         raise _Bad("missing_key", "missing key 'messages' (expected 'messages': [{role, content}, ...] or ShareGPT "
                                   "'conversations': [{from, value}, ...]" +
-                   (f", like the dataset's first record, {first[1]})" if first else
-                    "; or 'prompt' and 'completion'; or 'text')"))
-    raise _Bad("missing_key", f"missing key {first[0]!r} (expected a {fmt} record like the dataset's first "
-                              f"record, {first[1]})")
+                   (f"{like_first})" if origin else "; or 'prompt' and 'completion'; or 'text')"))
+    raise _Bad("missing_key", f"missing key {key!r} (expected a {fmt} record{like_first})")
 
 
 def _json_type(value):

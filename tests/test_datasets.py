@@ -112,12 +112,15 @@ def test_each_format_loads_into_its_shape(tmp_path):
 BAD = [
     ({"prompt": "q"}, r"missing key 'completion'", "missing_key"),
     ({"prompt": [{"role": "user", "content": "q"}], "completion": " a"},
-     r"'completion' is a JSON list|'prompt' is a JSON list", "bad_content"),
+     r"'completion' is a JSON str \(expected a list of messages\)", "bad_messages"),
+    ({"prompt": "q", "completion": " a", "plain": True},
+     r"'completion' is a JSON list \(expected a string, as in the dataset's first record, .*p\.jsonl:1\)",
+     "bad_content"),
     ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
      r"no assistant turn in 'completion'", "no_assistant"),
     ({"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "a"}]},
      r"prompt message 0: missing key 'content'", "missing_key"),
-    ({"messages": CHAT}, r"missing key 'prompt' \(expected a prompt/completion record like the dataset's first "
+    ({"messages": CHAT}, r"missing key 'prompt' \(expected a prompt/completion record, as in the dataset's first "
                          r"record, .*p\.jsonl:1\)", "missing_key"),
     ({"text": "t"}, r"missing key 'prompt'", "missing_key"),
 ]
@@ -126,10 +129,10 @@ BAD = [
 @pytest.mark.parametrize("record,error,reason", BAD, ids=[r for _, _, r in BAD])
 def test_format_errors_name_the_line(tmp_path, record, error, reason):
     good = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
-    if record.get("completion") == " a":  # the plain/conversational mix: the first record is plain here
+    record = dict(record)
+    if record.pop("plain", False):  # the first record sets plain text: a list is wrong here
         good = {"prompt": "q", "completion": " a"}
         record = {"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}
-        error = r"'completion' is a JSON list \(expected a string, as in the dataset's first record"
     path = write_jsonl(tmp_path / "p.jsonl", [good, record, good])
     with pytest.raises(ValueError, match=rf"p\.jsonl:2: {error}"):
         data.load_conversations(path)
