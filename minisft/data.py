@@ -30,7 +30,9 @@ the chat template: "chat_template_kwargs" (enable_thinking, xml_tools, python_to
 custom_instructions) and "tools" (a list of dicts, or that list as a JSON string). They apply to
 that conversation's render only and win over build_examples' enable_thinking. A null
 enable_thinking means off: the real template sees a defined, falsy value. An unknown key is an
-error (a typo would otherwise be ignored in silence).
+error (a typo would otherwise be ignored in silence). Only SmolLM3's template renders them: with
+smollm2 or chatml, enable_thinking is ignored (no reasoning mode to switch) and tools or
+instructions make that conversation an error (RENDERED_ONLY_BY_SMOLLM3), as on plain records.
 
 In memory a conversation is one of:
     [{"role", "content"}, ...]                             a chat with no settings (the common case)
@@ -91,8 +93,9 @@ def load_conversations(spec, skip_bad=False, subset=None, split=None):
     Returns (convs, stats):
       convs: list of conversations (module docstring: a list of messages for a plain chat)
       stats: {"records": records seen, "loaded": int, "skipped": int, "format": "chat" |
-              "prompt/completion" | "plain prompt/completion" | "text", "skipped_by_reason": {reason: count}, "problems": first
-              MAX_PROBLEMS messages, "sources": ["path:line" of each loaded conversation, parallel to convs]}
+              "prompt/completion" | "plain prompt/completion" | "text", "skipped_by_reason": {reason: count},
+              "problems": first MAX_PROBLEMS messages,
+              "sources": ["path:line" (or "path:row N") of each loaded conversation, parallel to convs]}
     """
     stats = {"records": 0, "loaded": 0, "skipped": 0, "format": None, "skipped_by_reason": {}, "problems": [],
              "sources": []}

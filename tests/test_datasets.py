@@ -7,6 +7,7 @@ the same kwargs, and TRL's own SFTTrainer tokenizes the same files into the same
 import datetime
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -96,7 +97,8 @@ def test_each_format_loads_into_its_shape(tmp_path):
     assert convs[1] == {"messages": CHAT, "settings": {"enable_thinking": False, "tools": TOOLS}, "completion_start": 0}
 
     pc = [{"prompt": SYSTEM + CHAT + [{"role": "user", "content": "And Rome?"}],
-           "completion": [{"role": "assistant", "content": "Rainy."}], "chat_template_kwargs": {"xml_tools": XML_TOOLS}}]
+           "completion": [{"role": "assistant", "content": "Rainy."}],
+           "chat_template_kwargs": {"xml_tools": XML_TOOLS}}]
     convs, stats = data.load_conversations(write_jsonl(tmp_path / "pc.jsonl", pc))
     assert stats["format"] == "prompt/completion"
     assert convs == [{"messages": pc[0]["prompt"] + pc[0]["completion"], "settings": {"xml_tools": XML_TOOLS},
@@ -163,7 +165,7 @@ def test_bad_settings_are_bad_records(tmp_path, kwargs, tools, error):
 
 
 def test_plain_records_refuse_tools_they_cannot_render(tmp_path):
-    recs = [{"text": "a"}, {"text": "b", "tools": TOOLS}, {"text": "c", "chat_template_kwargs": {"enable_thinking": 1 == 1}}]
+    recs = [{"text": "a"}, {"text": "b", "tools": TOOLS}, {"text": "c", "chat_template_kwargs": {"enable_thinking": True}}]
     path = write_jsonl(tmp_path / "t.jsonl", recs)
     with pytest.raises(ValueError, match=r"t\.jsonl:2: tools given, but a plain-text record is not rendered"):
         data.load_conversations(path)
@@ -269,7 +271,8 @@ def test_same_files_as_trl_sfttrainer(tmp_path, tok, trl_prepare, templates_dir)
                   {"prompt": "Q: 2+2?\nA:", "completion": " 4\n"}],
         "conv": [{"prompt": SYSTEM + [{"role": "user", "content": "2+2?"}],
                   "completion": [{"role": "assistant", "content": "4"}]},
-                 {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": " yo"}]}],
+                 {"prompt": [{"role": "user", "content": "hi"}],
+                  "completion": [{"role": "assistant", "content": " yo"}]}],
     }
     for name, rows in cases.items():
         path = write_parquet(tmp_path / f"{name}.parquet", rows)
@@ -415,3 +418,47 @@ def test_hub_dataset_not_cached_offline_gives_one_line_advice(offline_cache):
         data.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
     with pytest.raises(FileNotFoundError, match=r"no such dataset file or folder"):
         data.load_conversations("./not/here.jsonl")
+
+
+def test_download_asks_for_the_split_only(tmp_path, monkeypatch):
+    """Online (simulated): snapshot_download gets repo_type="dataset" and patterns that select the split."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    from minisft import records
+
+    listing = ["README.md", "SFT/chats-00000-of-00002.parquet", "SFT/chats-00001-of-00002.parquet",
+               "SFT/chats_think-00000-of-00001.parquet", "Mid/chats-00000-of-00001.parquet",
+               "data/SFT/chats-00000-of-00001.parquet", "SFT/chats/0000.parquet", "xSFT/chats-00000-of-00001.parquet"]
+    calls = []
+
+    def fake_download(repo_id, repo_type=None, allow_patterns=None, cache_dir=None, local_files_only=False):
+        calls.append((repo_id, repo_type, allow_patterns, local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        folder = tmp_path / "snap"
+        for rel in filter_repo_objects(listing, allow_patterns=allow_patterns):
+            write_parquet(folder / rel, [{"messages": CHAT}])
+        return str(folder)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    convs, stats = data.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
+    assert [c[1] for c in calls] == ["dataset", "dataset"] and [c[3] for c in calls] == [True, False]
+    downloaded = sorted(filter_repo_objects(listing, allow_patterns=calls[1][2]))
+    # The patterns fetch this split of this subset (in its three layouts) and nothing of chats_think or Mid.
+    assert downloaded == ["SFT/chats-00000-of-00002.parquet", "SFT/chats-00001-of-00002.parquet",
+                          "SFT/chats/0000.parquet", "data/SFT/chats-00000-of-00001.parquet"]
+    assert records.matching_files(downloaded, "SFT", "chats") == downloaded
+    assert stats["loaded"] == 4
+
+    def missing(*args, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        raise RepositoryNotFoundError("404 Repository Not Found", response=SimpleNamespace(headers={}, request=None))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    with pytest.raises(ValueError, match=r"^nobody/nothing: no such local file or folder, and no such dataset on the "
+                                         r"Hugging Face Hub"):
+        data.load_conversations("nobody/nothing")
