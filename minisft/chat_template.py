@@ -85,6 +85,15 @@ SMOLLM3_TOOLS_OUTRO = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
+SMOLLM3_PYTHON_INTRO = (
+    "When you send a message containing Python code between '<code>' and '</code>' tags, it will be executed "
+    "in a stateful Jupyter notebook environment, and you will then be given the output to continued reasoning "
+    "in an agentic loop.\n\nYou can use the following tools in your python code like regular functions:\n<tools>\n"
+)
+SMOLLM3_PYTHON_OUTRO = (
+    "</tools>\n\nThe state persists between code executions: so variables that you define in one step are "
+    "still available thereafter."
+)
 EMPTY_THINK = "<think>\n\n</think>\n"
 
 
@@ -96,26 +105,33 @@ class Span(NamedTuple):
 
 # ---- rendering ---------------------------------------------------------------------------------
 def render(messages, template="smollm2", *, add_generation_prompt=False, enable_thinking=None,
-           tools=None, today=None):
+           tools=None, today=None, xml_tools=None, python_tools=None, custom_instructions=None):
     """messages (list of {"role", "content"}) -> the exact string the model sees.
 
     add_generation_prompt appends the header of the next assistant turn (for generation).
-    enable_thinking (None = the template's default: on), tools (list of dicts) and today
-    (a datetime.date; None = today) are used by "smollm3" only; the other templates ignore them.
+    The other settings are used by "smollm3" only; smollm2 and chatml ignore them, as their real
+    templates do. enable_thinking (None = the template's default: on); today (a datetime.date;
+    None = today); tools (list of dicts, as transformers' apply_chat_template takes them);
+    xml_tools and python_tools (lists, each item written with Python's str(): smoltalk2 ships
+    them as JSON strings); custom_instructions (str: the "## Custom Instructions" text of a chat
+    without a system message -- a system message replaces it). These are the template variables
+    SmolLM3's template reads; smoltalk2 stores them per record in "chat_template_kwargs".
     """
     return "".join(s.text for s in render_spans(
-        messages, template, add_generation_prompt=add_generation_prompt,
-        enable_thinking=enable_thinking, tools=tools, today=today))
+        messages, template, add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+        tools=tools, today=today, xml_tools=xml_tools, python_tools=python_tools,
+        custom_instructions=custom_instructions))
 
 
 def render_spans(messages, template="smollm2", *, add_generation_prompt=False, enable_thinking=None,
-                 tools=None, today=None):
+                 tools=None, today=None, xml_tools=None, python_tools=None, custom_instructions=None):
     """Like `render`, but returns the pieces: list[Span(text, kind, index)] (see module docstring)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown chat template {template!r}: expected one of {', '.join(TEMPLATES)}")
     _check_messages(messages, template)
     if template == "smollm3":
-        return _smollm3_spans(messages, add_generation_prompt, enable_thinking, tools, today)
+        return _smollm3_spans(messages, add_generation_prompt, enable_thinking, today,
+                              _tools_block(tools, xml_tools, python_tools), custom_instructions)
     default_system = SMOLLM2_SYSTEM if template == "smollm2" else None
     return _chatml_spans(messages, add_generation_prompt, default_system)
 
@@ -148,9 +164,30 @@ def _chatml_spans(messages, add_generation_prompt, default_system):
     return spans
 
 
-def _smollm3_spans(messages, add_generation_prompt, enable_thinking, tools, today):
-    if tools is not None and not isinstance(tools, (list, tuple)):
-        raise ValueError(f"tools: expected a list of tool descriptions (dicts), got {type(tools).__name__}")
+def _tools_block(tools, xml_tools, python_tools):
+    """The "### Tools" section of SmolLM3's system turn ("" when there are no tools).
+
+    `tools` (what transformers passes) replaces xml_tools when it is non-empty. Both lists can be
+    present: the XML block comes first, the Python block right after it, with no separator.
+    """
+    for name, value in (("tools", tools), ("xml_tools", xml_tools), ("python_tools", python_tools)):
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list of tool descriptions, got {type(value).__name__}")
+    xml = tools or xml_tools
+    if not (xml or python_tools):
+        return ""
+    # Each tool is written with Python's str() (Jinja's `|string` filter), not as JSON.
+    block = "### Tools\n\n"
+    if xml:
+        block += SMOLLM3_TOOLS_INTRO + "".join(str(t) + "\n" for t in xml) + SMOLLM3_TOOLS_OUTRO
+    if python_tools:
+        block += SMOLLM3_PYTHON_INTRO + "".join(str(t) + "\n" for t in python_tools) + SMOLLM3_PYTHON_OUTRO
+    return block + "\n\n<|im_end|>\n"
+
+
+def _smollm3_spans(messages, add_generation_prompt, enable_thinking, today, tools_block, custom_instructions):
+    if custom_instructions is not None and not isinstance(custom_instructions, str):
+        raise ValueError(f"custom_instructions: expected a string, got {type(custom_instructions).__name__}")
     if today is None:
         today = datetime.date.today()
     if not isinstance(today, datetime.date):
@@ -160,7 +197,9 @@ def _smollm3_spans(messages, add_generation_prompt, enable_thinking, tools, toda
     # in the system message, which are then cut out of it.
     think = True if enable_thinking is None else bool(enable_thinking)
     has_system = messages[0]["role"] == "system"
-    instructions = ""
+    # Without a system message the custom_instructions setting is used verbatim; a system message
+    # replaces it (even an empty one, which then leaves the default prompt).
+    instructions = custom_instructions or ""
     if has_system:
         system = messages[0]["content"]
         if "/no_think" in system:
@@ -171,7 +210,7 @@ def _smollm3_spans(messages, add_generation_prompt, enable_thinking, tools, toda
 
     head = "<|im_start|>system\n"
     if has_system and "/system_override" in system:
-        # The user's text replaces the whole metadata block.
+        # The user's text replaces the whole metadata block (and the tools).
         head += instructions.replace("/system_override", "").rstrip() + "<|im_end|>\n"
     else:
         head += ("## Metadata\n\nKnowledge Cutoff Date: June 2025\n"
@@ -183,12 +222,8 @@ def _smollm3_spans(messages, add_generation_prompt, enable_thinking, tools, toda
             head += instructions + "\n\n"
         else:
             head += (SMOLLM3_THINK_SYSTEM if think else SMOLLM3_SYSTEM) + "\n\n"
-        if tools:
-            # Each tool is written with Python's str() (Jinja's `|string` filter), not as JSON.
-            head += "### Tools\n\n" + SMOLLM3_TOOLS_INTRO
-            head += "".join(str(tool) + "\n" for tool in tools)
-            head += SMOLLM3_TOOLS_OUTRO + "\n\n<|im_end|>\n"
         # Quirk of the real template: without tools the system turn is never closed by <|im_end|>.
+        head += tools_block
     spans = [Span(head, "prompt", 0 if has_system else None)]
 
     empty_think = "" if think else EMPTY_THINK
@@ -232,34 +267,39 @@ def _check_messages(messages, template):
 
 # ---- tokenizing and masking --------------------------------------------------------------------
 def tokenize_conversation(tokenizer, messages, template="smollm2", *, train_on="assistant", max_length=None,
-                          train_headers=False, enable_thinking=None, tools=None, today=None):
+                          train_headers=False, enable_thinking=None, tools=None, today=None, xml_tools=None,
+                          python_tools=None, custom_instructions=None, completion_start=0):
     """One conversation -> {"input_ids": list[int], "labels": list[int]} (same length, unshifted).
 
     train_on: "assistant" = every assistant turn (content + its <|im_end|>), "last" = only the final
     assistant turn, "all" = every token. train_headers also trains "<|im_start|>assistant\\n" and the
-    empty think block. max_length: drop trailing messages back to the last assistant turn that fits
-    ("last" then means the last turn kept); if not even the first assistant turn fits, keep the chat up
-    to it and cut the tokens at max_length. The labels may then be all -100: the caller decides what
-    to do with such an example. Raises ValueError when a message spells a special token.
+    empty think block. completion_start: messages before this index are prompt (a prompt/completion
+    record): their assistant turns are never trained, except with train_on="all". max_length: drop
+    trailing messages back to the last trainable assistant turn that fits ("last" then means the last
+    turn kept); if not even the first one fits, keep the chat up to it and cut the tokens at
+    max_length. The labels may then be all -100: the caller decides what to do with such an example.
+    The template settings (enable_thinking, tools, ...) are those of `render`. Raises ValueError
+    when a message spells a special token.
     """
     check_options(template, train_on, max_length)
     _check_messages(messages, template)
     _reject_special_tokens(tokenizer, messages)
     # Fix the date once, so that a re-render while truncating cannot cross midnight.
-    opts = dict(template=template, train_on=train_on, train_headers=train_headers,
-                enable_thinking=enable_thinking, tools=tools, today=today or datetime.date.today())
+    opts = dict(template=template, train_on=train_on, train_headers=train_headers, completion_start=completion_start,
+                settings=dict(enable_thinking=enable_thinking, tools=tools, today=today or datetime.date.today(),
+                              xml_tools=xml_tools, python_tools=python_tools, custom_instructions=custom_instructions))
 
     ids, labels = _tokenize(tokenizer, messages, **opts)
     if max_length is None or len(ids) <= max_length:
         return {"input_ids": ids, "labels": labels}
 
-    # Too long: keep whole turns, ending on the latest assistant turn that fits.
-    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # Too long: keep whole turns, ending on the latest trainable assistant turn that fits.
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= completion_start]
     for k in reversed(assistant_turns):
         ids, labels = _tokenize(tokenizer, messages[:k + 1], **opts)
         if len(ids) <= max_length:
             return {"input_ids": ids, "labels": labels}
-    # Not even the first assistant turn fits: keep the chat up to it and cut inside it.
+    # Not even the first one fits: keep the chat up to it and cut inside it.
     if assistant_turns:
         ids, labels = _tokenize(tokenizer, messages[:assistant_turns[0] + 1], **opts)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
@@ -275,8 +315,8 @@ def check_options(template, train_on, max_length=None):
         raise ValueError(f"max_length={max_length!r}: expected a positive integer or None")
 
 
-def _tokenize(tokenizer, messages, template, train_on, train_headers, enable_thinking, tools, today):
-    spans = render_spans(messages, template, enable_thinking=enable_thinking, tools=tools, today=today)
+def _tokenize(tokenizer, messages, template, train_on, train_headers, completion_start, settings):
+    spans = render_spans(messages, template, **settings)
     text = "".join(s.text for s in spans)
     ids, offsets = tokenizer.encode_with_offsets(text)
 
@@ -286,7 +326,8 @@ def _tokenize(tokenizer, messages, template, train_on, train_headers, enable_thi
     trained = bytearray(len(text))  # 1 = this character is part of a training target
     pos = 0
     for s in spans:
-        if train_on == "all" or (s.kind in kinds and (train_on == "assistant" or s.index == last)):
+        in_completion = s.index is not None and s.index >= completion_start
+        if train_on == "all" or (s.kind in kinds and in_completion and (train_on == "assistant" or s.index == last)):
             trained[pos:pos + len(s.text)] = b"\x01" * len(s.text)
         pos += len(s.text)
     labels = [t if 1 in trained[a:b] else IGNORE_INDEX for t, (a, b) in zip(ids, offsets)]

@@ -13,7 +13,7 @@ from minisft.config import TrainConfig, flag
 from minisft.rundir import saved_config
 
 HELP = {
-    "model": "base model folder (Hugging Face layout) or Hub name", "data": "training conversations (.jsonl/.json)",
+    "model": "base model folder (Hugging Face layout) or Hub name", "data": "training data: .jsonl/.json/.parquet, a folder of shards or a Hub dataset id",
     "val_data": "validation conversations", "val_fraction": "without --val-data: hold out this fraction",
     "sample_data": "prompts for sample generations (default: the first validation conversations)",
     "out": "run folder", "resume": "continue from the latest checkpoint in --out",
@@ -37,10 +37,12 @@ HELP = {
     "lora_r": "LoRA rank (0 = full fine-tuning)", "lora_alpha": "LoRA alpha (update scale alpha / r)",
     "lora_dropout": "dropout on the LoRA adapters' input", "lora_targets": "all-linear or names, e.g. q_proj,v_proj",
     "base_dtype": "frozen base dtype with LoRA: auto | float32 | bfloat16",
+    "data_subset": "subset of a Hub dataset or folder (e.g. SFT)", "data_split": "split to train on (default: train)",
+    "val_split": "split of --val-data when it is a Hub dataset or folder",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.
-OPTIONAL_TYPES = {"val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
+OPTIONAL_TYPES = {"data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
                   "epochs": int, "device": str, "stop_after_step": int}
 
 

@@ -10,6 +10,7 @@ Two groups of fields matter for --resume (train.py checks them):
 """
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,11 @@ from minisft.default_model import DEFAULT_MODEL
 class TrainConfig:
     # -- what to train, on what, and where the run goes
     model: str = DEFAULT_MODEL  # a folder in Hugging Face layout (or a Hub name weights.py can resolve)
-    data: str = ""  # training conversations, .jsonl or .json
-    val_data: str | None = None  # validation conversations; None: split val_fraction off the training data
+    data: str = ""  # training data: .jsonl / .json / .parquet, a folder of shards, or a Hub dataset id
+    data_subset: str | None = None  # with a Hub id or folder: the subset (e.g. SFT for HuggingFaceTB/smoltalk2)
+    data_split: str | None = None  # with a Hub id or folder: the split to train on (default: train)
+    val_data: str | None = None  # validation data (same kinds); None: split val_fraction off the training data
+    val_split: str | None = None  # with a Hub id or folder as --val-data: its split
     val_fraction: float = 0.0  # used only without val_data; 0 = no validation
     sample_data: str | None = None  # prompts for sample generations; None: the first val conversations
     out: str = "runs/sft"
@@ -76,10 +80,16 @@ class TrainConfig:
 
 
 # Settings that decide what the weights become: a resumed run must use the same ones.
-TRAJECTORY_KEYS = ("model", "data", "val_data", "val_fraction", "template", "train_on", "max_length", "packing",
+TRAJECTORY_KEYS = ("model", "data", "data_subset", "data_split", "val_data", "val_split", "val_fraction", "template", "train_on", "max_length", "packing",
                    "group_by_length", "skip_bad", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                    "warmup_ratio", "max_steps", "epochs", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
                    "dtype", "chunked_loss", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype")
+
+
+def looks_like_hub_id(spec):
+    """"HuggingFaceTB/smoltalk2": two names and one slash, no file ending, and not a path under a local folder."""
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None and not spec.endswith((".jsonl", ".json", ".parquet"))
+            and not os.path.isdir(spec.split("/")[0]))
 
 
 def flag(name):
@@ -149,5 +159,5 @@ def check_config(cfg):
         raise bad("device", "a device this machine has (MPS is not available)")
     for name in ("data", "val_data", "sample_data"):
         path = getattr(cfg, name)
-        if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag(name)} {path}: no such file")
+        if path and not os.path.exists(path) and (name == "sample_data" or not looks_like_hub_id(path)):
+            raise FileNotFoundError(f"{flag(name)} {path}: no such file or folder")

@@ -1,16 +1,47 @@
-"""From a file of conversations to the batches a training step eats.
+"""From a dataset of conversations to the batches a training step eats.
 
 Lesson 2 walks through this file; `train.py` uses it. The way through:
 
-    load_conversations   .jsonl / .json -> list of conversations (list of {"role", "content"}),
-                         every record validated; errors name "file:line: what is wrong"
+    load_conversations   a .jsonl / .json / .parquet file, a folder of shards or a Hub dataset
+                         (records.py reads them) -> list of conversations, every record validated;
+                         errors name "file:line: what is wrong" ("file:row N" for parquet)
     split_train_val      a held-out validation set, chosen by seed
     build_examples       conversation -> {"input_ids", "labels"} via chat_template.tokenize_conversation;
                          examples with nothing left to train on are dropped and counted
+    sample_prompt        the prompt a conversation gives for generating a sample answer
     pack_examples        (optional) several conversations in one row, attention kept apart
     global_batches       one epoch's sample order, cut into the batches of each optimizer step
     micro_batches        a global batch split into the pieces that fit in memory
     collate              a list of examples -> padded tensors [B, T]
+
+Record formats (the ones the smol course and TRL's SFTTrainer read, unedited). The first record of
+a dataset that has one of these keys sets the format of the whole dataset, as TRL decides from its
+first example; a later record in another format is a bad record.
+
+    {"messages": [{"role", "content"}, ...]}               chat; loss on the assistant turns
+    {"conversations": [{"from", "value"}, ...]}            ShareGPT chat (human -> user, gpt -> assistant)
+    {"prompt": [messages], "completion": [messages]}       loss on the completion's assistant turns only;
+                                                           the prompt's are context, never targets
+    {"prompt": "text", "completion": "text"}               plain: no chat template (see _plain_example)
+    {"text": "..."}                                        language modelling: loss on every token
+
+Chat records (the first three) may carry the settings smoltalk2 ships per record and TRL passes to
+the chat template: "chat_template_kwargs" (enable_thinking, xml_tools, python_tools,
+custom_instructions) and "tools" (a list of dicts, or that list as a JSON string). They apply to
+that conversation's render only and win over build_examples' enable_thinking. A null
+enable_thinking means off: the real template sees a defined, falsy value. An unknown key is an
+error (a typo would otherwise be ignored in silence). Only SmolLM3's template renders them: with
+smollm2 or chatml, enable_thinking is ignored (no reasoning mode to switch) and tools or
+instructions make that conversation an error (RENDERED_ONLY_BY_SMOLLM3), as on plain records.
+
+In memory a conversation is one of:
+    [{"role", "content"}, ...]                             a chat with no settings (the common case)
+    {"messages": [...], "settings": {...}, "completion_start": k}
+                                                           a chat with template settings (keyword
+                                                           arguments of chat_template.render) and/or a
+                                                           prompt/completion split: messages[k:] are the
+                                                           completion (k = 0: all of it)
+    {"prompt": str, "completion": str} or {"text": str}    the plain formats
 
 Two rules matter more than the rest:
 
@@ -27,71 +58,57 @@ The shift happens inside the loss, so labels[0] can never be a target.
 import datetime
 import json
 import math
-import os
 import random
-import re
 
 import torch
 
-from .chat_template import check_options, tokenize_conversation
+from .chat_template import check_options, render, tokenize_conversation
+from .records import BadRecord as _Bad
+from .records import read_records
 
 IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool",
                   "user": "user", "assistant": "assistant"}
+TEMPLATE_KWARGS = ("enable_thinking", "xml_tools", "python_tools", "custom_instructions")
+# Settings that put text into the render. A template that does not render them (smollm2, chatml, or
+# no template at all) would drop tool descriptions or instructions the answers depend on: an error.
+RENDERED_ONLY_BY_SMOLLM3 = ("tools", "xml_tools", "python_tools", "custom_instructions")
+FORMATS = {"messages": "chat", "conversations": "chat", "prompt": "prompt/completion", "text": "text"}
 MAX_PROBLEMS = 50  # how many skipped-record messages the stats keep (the counts are always complete)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 # ---------------------------------------------------------------------------------------------
-class _Bad(Exception):
-    """One malformed record: `reason` is a short key for the stats, the message says what is wrong."""
+def load_conversations(spec, skip_bad=False, subset=None, split=None):
+    """Read a dataset of conversations: a .jsonl/.json/.parquet file, a folder of shards, or a Hub
+    dataset id with an optional subset (config) and split (default "train"); see records.py.
 
-    def __init__(self, reason, message):
-        super().__init__(message)
-        self.reason = reason
-
-
-def load_conversations(path, skip_bad=False):
-    """Read a dataset of chat conversations.
-
-    Formats (per record):
-      {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
-      {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}   (ShareGPT;
-          human -> user, gpt -> assistant, system and tool keep their names)
-    Files: `.jsonl` holds one record per line (blank lines are ignored); `.json` holds one JSON
-    list of records. Locations in messages are "path:LINE" (1-based) for .jsonl and
-    "path:LINE (record N)" for .json (the line where record N, 0-based, starts); message indices
-    are 0-based.
-
-    Every record is checked: valid UTF-8 and JSON, a known key, known roles, string contents, at
-    least one message and at least one assistant turn. A problem raises
-    ValueError("path:line: what is wrong (expected ...)"). With skip_bad=True the bad record is
+    Every record is checked: it decodes, has the dataset's format (module docstring), known
+    roles, string contents, at least one message and an assistant turn to train on (in the
+    completion, for prompt/completion records), valid settings. A problem raises
+    ValueError("location: what is wrong (expected ...)"). With skip_bad=True the bad record is
     skipped and counted instead. Loading nothing at all is always an error.
 
     Returns (convs, stats):
-      convs: list of conversations, each a list of {"role": str, "content": str}
-      stats: {"records": records seen, "loaded": int, "skipped": int,
-              "skipped_by_reason": {reason: count}, "problems": first MAX_PROBLEMS messages,
-              "sources": ["path:line" of each loaded conversation, parallel to convs]}
+      convs: list of conversations (module docstring: a list of messages for a plain chat)
+      stats: {"records": records seen, "loaded": int, "skipped": int, "format": "chat" |
+              "prompt/completion" | "plain prompt/completion" | "text", "skipped_by_reason": {reason: count},
+              "problems": first MAX_PROBLEMS messages,
+              "sources": ["path:line" (or "path:row N") of each loaded conversation, parallel to convs]}
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such dataset file")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: unsupported dataset file type {ext or '(none)'!r} (expected .jsonl or .json)")
-    with open(path, "rb") as f:
-        raw = f.read()
-
-    stats = {"records": 0, "loaded": 0, "skipped": 0, "skipped_by_reason": {}, "problems": [], "sources": []}
-    convs = []
-    records = _jsonl_records(path, raw) if ext == ".jsonl" else _json_records(path, raw)
-    for where, parse in records:
+    stats = {"records": 0, "loaded": 0, "skipped": 0, "format": None, "skipped_by_reason": {}, "problems": [],
+             "sources": []}
+    convs, first = [], None  # first: (format, key, location) of the record that set the format
+    for where, parse in read_records(spec, subset, split):
         stats["records"] += 1
         try:
-            convs.append(_conversation(parse()))
+            rec = parse()
+            if first is None and isinstance(rec, dict):
+                key = next((k for k in FORMATS if k in rec), None)
+                first = (_format_of(rec, key), key, where) if key else None
+            convs.append(_conversation(rec, first))
             stats["sources"].append(where)
         except _Bad as bad:
             message = f"{where}: {bad}"
@@ -102,84 +119,71 @@ def load_conversations(path, skip_bad=False):
             if len(stats["problems"]) < MAX_PROBLEMS:
                 stats["problems"].append(message)
     stats["loaded"] = len(convs)
+    stats["format"] = first[0] if first else None
     if not convs:
-        raise ValueError(f"{path}: no conversation loaded ({stats['records']} records, {stats['skipped']} skipped) "
+        raise ValueError(f"{spec}: no conversation loaded ({stats['records']} records, {stats['skipped']} skipped) "
                          f"(expected at least one valid record)")
     return convs, stats
 
 
-def _jsonl_records(path, raw):
-    """Yield (location, parse) per non-blank line. Each line is decoded on its own, so a bad byte
-    is reported on its line and, with skip_bad, costs only that line."""
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 byte-order mark some editors write
-        if not line.strip():
-            continue
-
-        def parse(line=line):
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _Bad("not_utf8", f"bytes are not UTF-8 (byte 0x{line[e.start]:02x} at byte {e.start + 1} "
-                                       f"of the line) (expected UTF-8 text)") from None
-            try:
-                return json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _Bad("bad_json", f"not valid JSON ({e.msg} at column {e.colno}) "
-                                       f"(expected one JSON object per line)") from None
-
-        yield f"{path}:{lineno}", parse
+def _format_of(rec, key):
+    if key == "prompt":  # TRL: a list of messages is conversational, a string is plain text
+        return "prompt/completion" if isinstance(rec["prompt"], list) else "plain prompt/completion"
+    return FORMATS[key]
 
 
-def _json_records(path, raw):
-    """Yield (location, parse) per element of a .json file's top-level list. A file that is not
-    UTF-8 or not JSON at all is one error for the whole file, even with skip_bad."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: bytes are not UTF-8 (byte 0x{raw[e.start]:02x}) (expected UTF-8 text)") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        hint = "; one record per line needs the .jsonl extension" if e.msg == "Extra data" else ""
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}) "
-                         f"(expected a JSON list of records{hint})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: the top level is a JSON {type(data).__name__} (expected a JSON list of records)")
-    for i, (rec, line) in enumerate(zip(data, _element_lines(text), strict=True)):
-        yield f"{path}:{line} (record {i})", (lambda rec=rec: rec)
+def _conversation(rec, first):
+    """One decoded record -> a conversation (module docstring), or raise _Bad saying what is wrong.
 
-
-def _element_lines(text):
-    """The 1-based line on which each element of a (valid) top-level JSON list starts.
-
-    json.loads forgets where things were; walking the list once more with raw_decode recovers it,
-    so a bad record in a pretty-printed file is reported at a line an editor can jump to.
+    first: (format, key, location) of the record that set the dataset's format, or None when none has yet.
     """
-    decoder, lines, line, seen = json.JSONDecoder(), [], 1, 0
-    skip = re.compile(r"[\s,]*")  # whitespace and the commas between elements (the text is valid JSON)
-    pos = skip.match(text, text.index("[") + 1).end()
-    while text[pos] != "]":
-        line, seen = line + text.count("\n", seen, pos), pos
-        lines.append(line)
-        pos = skip.match(text, decoder.raw_decode(text, pos)[1]).end()
-    return lines
-
-
-def _conversation(rec):
-    """One parsed JSON record -> list of {"role", "content"}, or raise _Bad saying what is wrong."""
     if not isinstance(rec, dict):
         raise _Bad("not_object", f"the record is a JSON {type(rec).__name__} "
                                  f"(expected an object with 'messages' or 'conversations')")
-    if "messages" in rec:
-        key, role_key, text_key, roles = "messages", "role", "content", {r: r for r in ROLES}
-    elif "conversations" in rec:
-        key, role_key, text_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
-    else:
-        raise _Bad("missing_key", f"missing key 'messages' (expected 'messages': [{{role, content}}, ...] "
-                                  f"or ShareGPT 'conversations': [{{from, value}}, ...])")
+    fmt, key, origin = first or (None, None, None)
+    like_first = f", as in the dataset's first record, {origin}" if origin else ""
+    if fmt in (None, "chat") and ("messages" in rec or "conversations" in rec):
+        sharegpt = "messages" not in rec
+        messages = _messages(rec, "conversations" if sharegpt else "messages", sharegpt)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise _Bad("no_assistant", "no assistant turn (expected at least one message from the assistant "
+                                       "to train on)")
+        settings = _settings(rec)
+        return {"messages": messages, "settings": settings, "completion_start": 0} if settings else messages
+    if fmt in ("prompt/completion", "plain prompt/completion") and "prompt" in rec:
+        if "completion" not in rec:
+            raise _Bad("missing_key", "missing key 'completion' (expected 'prompt' and 'completion')")
+        if fmt == "plain prompt/completion":
+            for k in ("prompt", "completion"):
+                if not isinstance(rec[k], str):
+                    raise _Bad("bad_content", f"'{k}' is {_json_type(rec[k])} (expected a string{like_first})")
+            _no_rendered_settings(rec)
+            return {"prompt": rec["prompt"], "completion": rec["completion"]}
+        prompt, completion = _messages(rec, "prompt"), _messages(rec, "completion")
+        if not any(m["role"] == "assistant" for m in completion):
+            raise _Bad("no_assistant", "no assistant turn in 'completion' (expected at least one message from "
+                                       "the assistant to train on)")
+        return {"messages": prompt + completion, "settings": _settings(rec), "completion_start": len(prompt)}
+    if fmt == "text" and "text" in rec:
+        if not isinstance(rec["text"], str):
+            raise _Bad("bad_content", f"'text' is {_json_type(rec['text'])} (expected a string)")
+        _no_rendered_settings(rec)
+        return {"text": rec["text"]}
+    if fmt in (None, "chat"):
+        raise _Bad("missing_key", "missing key 'messages' (expected 'messages': [{role, content}, ...] or ShareGPT "
+                                  "'conversations': [{from, value}, ...]" +
+                   (f"{like_first})" if origin else "; or 'prompt' and 'completion'; or 'text')"))
+    raise _Bad("missing_key", f"missing key {key!r} (expected a {fmt} record{like_first})")
+
+
+def _json_type(value):
+    return "null" if value is None else f"a JSON {type(value).__name__}"
+
+
+def _messages(rec, key, sharegpt=False):
+    """rec[key] -> list of {"role", "content"}, checked."""
+    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+    roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
     turns = rec[key]
     if not isinstance(turns, list):
         raise _Bad("bad_messages", f"'{key}' is a JSON {type(turns).__name__} (expected a list of messages)")
@@ -187,22 +191,66 @@ def _conversation(rec):
         raise _Bad("empty", f"empty conversation: '{key}' is [] (expected at least one message)")
     out = []
     for j, m in enumerate(turns):
+        where = f"message {j}" if key in ("messages", "conversations") else f"{key} message {j}"
         if not isinstance(m, dict):
-            raise _Bad("bad_messages", f"message {j} is a JSON {type(m).__name__} "
+            raise _Bad("bad_messages", f"{where} is a JSON {type(m).__name__} "
                                        f"(expected an object with '{role_key}' and '{text_key}')")
         for k in (role_key, text_key):
             if k not in m:
-                raise _Bad("missing_key", f"message {j}: missing key '{k}' (expected '{role_key}' and '{text_key}')")
+                raise _Bad("missing_key", f"{where}: missing key '{k}' (expected '{role_key}' and '{text_key}')")
         role, content = m[role_key], m[text_key]
         if not isinstance(role, str) or role not in roles:
-            raise _Bad("unknown_role", f"message {j}: unknown {role_key} {role!r} (expected one of {', '.join(roles)})")
+            raise _Bad("unknown_role", f"{where}: unknown {role_key} {role!r} (expected one of {', '.join(roles)})")
         if not isinstance(content, str):
-            got = "null" if content is None else f"a JSON {type(content).__name__}"
-            raise _Bad("bad_content", f"message {j}: '{text_key}' is {got} (expected a string)")
+            raise _Bad("bad_content", f"{where}: '{text_key}' is {_json_type(content)} (expected a string)")
         out.append({"role": roles[role], "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise _Bad("no_assistant", "no assistant turn (expected at least one message from the assistant to train on)")
     return out
+
+
+def _settings(rec):
+    """A chat record's "chat_template_kwargs" and "tools" -> keyword arguments for chat_template.render."""
+    kwargs = rec.get("chat_template_kwargs")
+    kwargs = {} if kwargs is None else kwargs  # parquet gives null for a record without settings
+    if not isinstance(kwargs, dict):
+        raise _Bad("bad_settings", f"'chat_template_kwargs' is {_json_type(kwargs)} "
+                                   f"(expected an object such as {{\"enable_thinking\": false}})")
+    settings = {}
+    for key, value in kwargs.items():
+        if key not in TEMPLATE_KWARGS:
+            raise _Bad("bad_settings", f"chat_template_kwargs: unknown key {key!r} (expected "
+                                       f"{', '.join(TEMPLATE_KWARGS)}: the settings SmolLM3's template reads)")
+        expected = {"enable_thinking": (bool, "true, false or null"), "custom_instructions": (str, "a string or null"),
+                    }.get(key, (list, "a list or null"))
+        if value is not None and not isinstance(value, expected[0]):
+            raise _Bad("bad_settings", f"chat_template_kwargs: {key!r} is {_json_type(value)} "
+                                       f"(expected {expected[1]})")
+        if key == "enable_thinking":
+            settings[key] = bool(value)  # null counts as off: the template sees a defined, falsy value
+        elif value is not None:
+            settings[key] = value
+    tools = rec.get("tools")
+    if isinstance(tools, str):  # TRL decodes a tools column stored as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise _Bad("bad_settings", f"'tools' is a string but not valid JSON ({e.msg} at column {e.colno}) "
+                                       f"(expected a list of tool descriptions)") from None
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise _Bad("bad_settings", f"'tools' is {_json_type(tools)}"
+                                       f"{'' if not isinstance(tools, list) else ' holding a non-object'} "
+                                       f"(expected a list of tool descriptions, JSON objects)")
+        settings["tools"] = tools
+    return settings
+
+
+def _no_rendered_settings(rec):
+    """Plain records have no chat template, so their settings would be dropped: refuse the ones with text."""
+    settings = _settings(rec)
+    dropped = [k for k in RENDERED_ONLY_BY_SMOLLM3 if settings.get(k)]
+    if dropped:
+        raise _Bad("bad_settings", f"{' and '.join(dropped)} given, but a plain-text record is not rendered with a "
+                                   f"chat template (expected chat records to carry tools or instructions)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +298,18 @@ def build_examples(tokenizer, convs, template="smollm2", train_on="assistant", m
                    train_headers=False, *, enable_thinking=None, today=None, sources=None, skip_bad=False):
     """Tokenize conversations into training examples.
 
-    Each conversation goes through chat_template.tokenize_conversation, which also truncates to
-    max_length keeping whole turns where it can. An example left with no target token (after the
-    shift) is dropped and counted: an all -100 row would cost compute and teach nothing.
-    Content that the template refuses (e.g. text spelling a special token) raises ValueError
-    naming the conversation: sources[i] ("path:line", see load_conversations' stats) when given,
-    else "conversation i"; with skip_bad it is skipped and counted instead.
+    Each chat goes through chat_template.tokenize_conversation with its own settings (which win
+    over enable_thinking here); prompt/completion chats train only their completion's assistant
+    turns (train_on "last" = the final one; "all" still trains every token, prompt included, as
+    TRL's completion_only_loss=False). Chats are truncated to max_length keeping whole turns where
+    they can; plain records are cut at max_length (TRL's default "keep_start"). An example left
+    with no target token (after the shift) is dropped and counted: an all -100 row would cost
+    compute and teach nothing. A conversation the template cannot render as asked -- text spelling
+    a special token, or tools/instructions that smollm2/chatml would drop (see
+    RENDERED_ONLY_BY_SMOLLM3; their enable_thinking is ignored, as their templates have no
+    reasoning mode) -- raises ValueError naming it: sources[i] ("path:line", see
+    load_conversations' stats) when given, else "conversation i"; with skip_bad it is skipped and
+    counted instead.
 
     Returns (examples, stats):
       examples: list of {"input_ids": list[int], "labels": list[int]} (same length, labels unshifted)
@@ -273,11 +327,16 @@ def build_examples(tokenizer, convs, template="smollm2", train_on="assistant", m
              "tokens": 0, "target_tokens": 0}
     for i, conv in enumerate(convs):
         try:
-            ex = tokenize_conversation(tokenizer, conv, template, **options)
-            if max_length is not None and len(ex["input_ids"]) > max_length:
-                # Tokenize again with the limit: only the long ones pay twice, and we know it was cut.
-                ex = tokenize_conversation(tokenizer, conv, template, max_length=max_length, **options)
-                stats["truncated"] += 1
+            if isinstance(conv, dict) and "messages" not in conv:
+                ex, cut = _plain_example(tokenizer, conv.get("prompt", ""), conv.get("completion", conv.get("text")),
+                                         max_length)
+            else:
+                messages, kw = _chat_options(conv, template, options)
+                ex = tokenize_conversation(tokenizer, messages, template, **kw)
+                cut = max_length is not None and len(ex["input_ids"]) > max_length
+                if cut:  # tokenize again with the limit: only the long ones pay twice, and we know it was cut
+                    ex = tokenize_conversation(tokenizer, messages, template, max_length=max_length, **kw)
+            stats["truncated"] += cut
         except ValueError as e:
             message = f"{sources[i] if sources is not None else f'conversation {i}'}: {e}"
             if not skip_bad:
@@ -295,6 +354,74 @@ def build_examples(tokenizer, convs, template="smollm2", train_on="assistant", m
         stats["target_tokens"] += n_targets
     stats["kept"] = len(examples)
     return examples, stats
+
+
+def _chat_options(conv, template, options):
+    """A chat conversation -> (messages, keyword arguments for tokenize_conversation)."""
+    if not isinstance(conv, dict):
+        return conv, options
+    settings = conv.get("settings", {})
+    if template != "smollm3":
+        dropped = [k for k in RENDERED_ONLY_BY_SMOLLM3 if settings.get(k)]
+        if dropped:
+            raise ValueError(f"{' and '.join(dropped)} given, but the {template} template does not render them "
+                             f"(expected the smollm3 template, or the text moved into the messages)")
+        settings = {}
+    return conv["messages"], {**options, **settings, "completion_start": conv.get("completion_start", 0)}
+
+
+def _plain_example(tokenizer, prompt, completion, max_length):
+    """A plain record, tokenized the way TRL 1.16's SFTTrainer does it -> (example, truncated).
+
+    TRL appends the tokenizer's EOS to the completion (to the text, for {"text"}) unless it already
+    ends with it, tokenizes prompt + completion as one string with no chat template, and masks the
+    prompt: the completion starts where the tokens of the prompt alone and of prompt + completion
+    stop agreeing (a token merged across the boundary counts as completion). A {"text"} record is
+    all completion: every token is a target. Special-token strings in the text become their
+    control tokens, as the tokenizer reads them: plain text is taken as written. SmolLM tokenizers
+    add no BOS, so tokenizer.encode gives the ids TRL's tokenizer(text) gives. Over max_length the
+    tokens are cut at the end (TRL's truncation_mode="keep_start").
+    """
+    eos = tokenizer.eos_token
+    if not eos:
+        raise ValueError("the tokenizer has no EOS token, which plain-text records end with "
+                         "(expected an eos_token in tokenizer_config.json)")
+    if not completion.endswith(eos):
+        completion += eos
+    ids = list(tokenizer.encode(prompt + completion))
+    start = 0
+    if prompt:
+        for a, b in zip(tokenizer.encode(prompt), ids):
+            if a != b:
+                break
+            start += 1
+    labels = [IGNORE] * start + ids[start:]
+    cut = max_length is not None and len(ids) > max_length
+    if cut:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}, cut
+
+
+def sample_prompt(conv, template, *, enable_thinking=None, today=None):
+    """The prompt a conversation gives for a sample answer -> (question_text, prompt_text), or None.
+
+    Chats: prompt_text is the render of everything before the last assistant turn, with the
+    generation prompt and the conversation's own settings (which win over enable_thinking);
+    question_text is the last user message before it. Plain prompt/completion: both are the prompt
+    string (no template). None when there is nothing to prompt with: a {"text"} record, an empty
+    plain prompt, or no user message before the last assistant turn. Raises ValueError like
+    build_examples for settings the template would drop.
+    """
+    if isinstance(conv, dict) and "messages" not in conv:
+        prompt = conv.get("prompt")
+        return (prompt, prompt) if prompt else None
+    messages, kw = _chat_options(conv, template, {"enable_thinking": enable_thinking, "today": today})
+    kw.pop("completion_start", None)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+    if not users:
+        return None
+    return users[-1], render(messages[:last], template, add_generation_prompt=True, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from minisft.lora import add_lora, count_parameters
 from minisft.loss import batch_loss
 from minisft.rundir import TIMING_KEYS, RunFolder, StopRequest, check_out_dir, final_template, fmt_time  # noqa: F401
 from minisft.rundir import peak_memory_mb, saved_config  # noqa: F401
-from minisft.watch import Watch, overfitting, repetition_loop, sample_prompts  # noqa: F401
+from minisft.watch import Watch, overfitting, repetition_loop  # noqa: F401
 from minisft.weights import load_pretrained, pick_device
 
 
@@ -140,11 +140,11 @@ def param_groups(model, weight_decay):
 
 def load_data(cfg, model, tokenizer, template, log):
     """Conversations -> (train examples (packed rows with --packing), val examples, sample prompts, info)."""
-    train_convs, stats = data.load_conversations(cfg.data, skip_bad=cfg.skip_bad)
+    train_convs, stats = data.load_conversations(cfg.data, cfg.skip_bad, cfg.data_subset, cfg.data_split)
     sources = stats["sources"]
     val_convs = []
     if cfg.val_data:
-        val_convs, _ = data.load_conversations(cfg.val_data, skip_bad=cfg.skip_bad)
+        val_convs, _ = data.load_conversations(cfg.val_data, cfg.skip_bad, cfg.data_subset, cfg.val_split)
     elif cfg.val_fraction > 0:
         pairs_train, pairs_val = data.split_train_val(list(zip(train_convs, sources)), cfg.val_fraction, cfg.seed)
         train_convs, sources = [c for c, _ in pairs_train], [s for _, s in pairs_train]
@@ -162,17 +162,23 @@ def load_data(cfg, model, tokenizer, template, log):
         examples = data.pack_examples(examples, max_length)
 
     sample_convs = data.load_conversations(cfg.sample_data, skip_bad=cfg.skip_bad)[0] if cfg.sample_data else val_convs
-    prompts = sample_prompts(sample_convs, cfg.num_samples) if cfg.sample_every else []
-    fits = [p for p in prompts  # generate() needs room for one new token at least
-            if len(tokenizer.encode(chat_template.render(p, template, add_generation_prompt=True)))
-            < model.config.max_position_embeddings]
-    if len(fits) < len(prompts):
-        log(f"note: {len(prompts) - len(fits)} sample prompt(s) left out: longer than the model's context")
+    prompts = []  # (question, rendered prompt) of the first num_samples conversations that give one
+    for conv in sample_convs[:cfg.num_samples] if cfg.sample_every else []:
+        try:
+            prompt = data.sample_prompt(conv, template)
+        except ValueError as e:  # settings this template cannot render: no sample, but say why
+            log(f"note: a sample prompt left out: {e}")
+            continue
+        # generate() needs room for one new token at least
+        if prompt and len(tokenizer.encode(prompt[1])) < model.config.max_position_embeddings:
+            prompts.append(prompt)
+        elif prompt:
+            log("note: 1 sample prompt(s) left out: longer than the model's context")
     if cfg.patience and not val_examples:
         raise ValueError("--patience needs validation data (--val-data or --val-fraction)")
-    if cfg.sample_every and not fits:
+    if cfg.sample_every and not prompts:
         log("note: no sample generations (no validation conversations; --sample-data gives prompts)")
-    return examples, val_examples, fits, info
+    return examples, val_examples, prompts, info
 
 
 def train(cfg):

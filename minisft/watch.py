@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from minisft import chat_template, data
+from minisft import data
 from minisft.distributed import all_reduce_sum
 from minisft.generate import generate
 from minisft.loss import batch_loss
@@ -51,15 +51,6 @@ def overfitting(gaps, n):
     return n > 0 and len(gaps) == n + 1 and gaps[-1] > 0 and all(a < b for a, b in zip(gaps, gaps[1:]))
 
 
-def sample_prompts(convs, n):
-    """The first n conversations, cut before their last assistant turn: the prompts to answer."""
-    prompts = []
-    for conv in convs[:n]:
-        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
-        prompts.append(conv[:last])
-    return prompts
-
-
 def repetition_loop(ids, min_repeats=3, min_span=8):
     """True when the tokens end in a block repeated back to back (>= min_repeats times, >= min_span
     tokens in all): the model is stuck in a loop. A word or phrase that merely recurs ("29 + 3 = 32,
@@ -72,17 +63,18 @@ def repetition_loop(ids, min_repeats=3, min_span=8):
     return False
 
 
-def sample_answers(model, tokenizer, prompts, template, step, max_new_tokens, autocast=nullcontext):
-    """Greedy answers to the fixed prompts, checked for format and loops -> one record per prompt."""
-    ids = [tokenizer.encode(chat_template.render(m, template, add_generation_prompt=True)) for m in prompts]
+def sample_answers(model, tokenizer, prompts, step, max_new_tokens, autocast=nullcontext):
+    """Greedy answers to the fixed prompts, checked for format and loops -> one record per prompt.
+    prompts: (question, rendered prompt text) pairs, as data.sample_prompt gives them."""
+    ids = [tokenizer.encode(text) for _, text in prompts]
     with autocast():  # one batched call: generate() left-pads the prompts and uses the KV cache
         answers = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0,
                            stop_ids=tokenizer.stop_ids(), use_cache=True)
     records = []
-    for i, (messages, new) in enumerate(zip(prompts, answers)):
+    for i, ((question, _), new) in enumerate(zip(prompts, answers)):
         ok_end = bool(new) and new[-1] == tokenizer.im_end_id
         loop = repetition_loop([t for t in new if t not in tokenizer.stop_ids()])
-        records.append({"step": step, "prompt": i, "question": messages[-1]["content"] if messages else "",
+        records.append({"step": step, "prompt": i, "question": question,
                         "answer": tokenizer.decode(new), "n_tokens": len(new),
                         "ends_with_im_end": ok_end, "repetition": loop})
         flags = ("ok" if ok_end else "no <|im_end|>") + (", repeats itself" if loop else "")
@@ -94,7 +86,7 @@ class Watch:
     """Evaluation, early stopping, the over-fitting warning and samples, on the steps the settings ask.
 
     cfg: the TrainConfig (eval_every, patience, overfit_evals, sample_every, sample_tokens, batch_size).
-    val_examples: tokenized validation examples; prompts: message lists to answer (may be empty).
+    val_examples: tokenized validation examples; prompts: (question, prompt text) pairs (may be empty).
     """
 
     def __init__(self, cfg, model, tokenizer, template, val_examples, prompts, device, autocast,
@@ -115,8 +107,8 @@ class Watch:
         if self.val_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
             report.update(self._evaluate(state, step))
         if self.prompts and self.rank == 0 and (done % cfg.sample_every == 0 or last):
-            report["samples"] = sample_answers(self.model, self.tokenizer, self.prompts, self.template, step,
-                                               cfg.sample_tokens, self.autocast)
+            report["samples"] = sample_answers(self.model, self.tokenizer, self.prompts, step, cfg.sample_tokens,
+                                               self.autocast)
         return report
 
     def _evaluate(self, state, step):

@@ -435,3 +435,115 @@ def test_renderer_needs_no_torch():
     import subprocess, sys
     code = "import sys, minisft.chat_template; assert 'torch' not in sys.modules, 'chat_template imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+
+
+# ---- per-record template settings (smoltalk2's chat_template_kwargs) --------------------------------
+# smoltalk2 ships xml_tools and python_tools as JSON strings; dicts and odd values show the |string rule.
+XML_TOOLS = ['{"name": "get_weather", "description": "Weather for a city", "parameters": {"city": "string"}}',
+             {"name": "calc", "args": [1, None, True]}]
+PY_TOOLS = ['def search(query: str) -> list:\n    """Web search."""', "def add(a: int, b: int) -> int: ..."]
+CHAT3 = [{"role": "user", "content": "What is the weather in Paris?"},
+         {"role": "assistant", "content": "<tool_call>{\"name\": \"get_weather\"}</tool_call>"},
+         {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "\nIt is sunny."}]
+SYSTEMS = [None, "Answer in French.", "Be brief. /no_think", "/think Reason first.", "", "/system_override Just this."]
+KWARG_CASES = [
+    {"enable_thinking": True}, {"enable_thinking": False},
+    {"xml_tools": XML_TOOLS}, {"python_tools": PY_TOOLS}, {"custom_instructions": "Always cite a source."},
+    {"xml_tools": XML_TOOLS, "python_tools": PY_TOOLS},
+    {"enable_thinking": False, "xml_tools": XML_TOOLS[:1], "python_tools": PY_TOOLS,
+     "custom_instructions": "Use the tools.\n\n"},
+    {"tools": TOOLS}, {"tools": TOOLS, "xml_tools": XML_TOOLS}, {"tools": [], "xml_tools": XML_TOOLS},
+    {"tools": TOOLS, "python_tools": PY_TOOLS, "custom_instructions": "x", "enable_thinking": True},
+    {"xml_tools": [], "python_tools": [], "custom_instructions": ""},
+]
+
+
+@pytest.fixture(scope="module")
+def smollm3_jinja(templates_dir):
+    """The real SmolLM3 template, given any template variables (as transformers passes **kwargs)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: DAY.strftime(fmt)
+    tpl = env.from_string((templates_dir / TEMPLATE_FILES["smollm3"]).read_text(encoding="utf-8"))
+
+    def run(messages, add_generation_prompt=False, tools=None, **kwargs):
+        return tpl.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                          documents=None, **kwargs)
+    return run
+
+
+def _with_system(system, messages):
+    return messages if system is None else [{"role": "system", "content": system}] + messages
+
+
+@pytest.mark.parametrize("kwargs", KWARG_CASES, ids=["-".join(sorted(k)) or "none" for k in KWARG_CASES])
+@pytest.mark.parametrize("system", SYSTEMS, ids=[f"system{i}" for i in range(len(SYSTEMS))])
+def test_smollm3_template_kwargs_match_jinja(smollm3_jinja, kwargs, system):
+    messages = _with_system(system, CHAT3)
+    for gen in (False, True):
+        for msgs in (messages, messages[:-1]):
+            ref = smollm3_jinja(msgs, add_generation_prompt=gen, **kwargs)
+            assert render(msgs, "smollm3", add_generation_prompt=gen, today=DAY, **kwargs) == ref
+
+
+def test_smollm3_template_kwargs_random_match_jinja(smollm3_jinja):
+    rng = random.Random(7)
+    for _ in range(300):
+        msgs, _ = random_case(rng, "smollm3")
+        kw = {}
+        for key, choices in (("enable_thinking", [True, False]), ("xml_tools", [None, [], XML_TOOLS, XML_TOOLS[1:]]),
+                             ("python_tools", [None, [], PY_TOOLS, PY_TOOLS[:1]]),
+                             ("custom_instructions", [None, "", " pad \n", "/think not a flag here", "日本語"]),
+                             ("tools", [None, [], TOOLS])):
+            if rng.random() < 0.5:
+                kw[key] = rng.choice(choices)
+        gen = rng.random() < 0.5
+        assert render(msgs, "smollm3", add_generation_prompt=gen, today=DAY, **kw) == smollm3_jinja(
+            msgs, add_generation_prompt=gen, **kw), (msgs, kw)
+
+
+def test_smollm3_template_kwargs_match_transformers(hf_tokenizer, templates_dir):
+    smollm3 = (templates_dir / TEMPLATE_FILES["smollm3"]).read_text(encoding="utf-8")
+    for kwargs in KWARG_CASES:
+        for system in (None, "Answer in French."):
+            msgs = _with_system(system, CHAT3)
+            today = datetime.date.today()  # transformers' strftime_now reads the clock
+            ref = hf_tokenizer.apply_chat_template(msgs, chat_template=smollm3, tokenize=False, **kwargs)
+            ours = render(msgs, "smollm3", today=today, **kwargs)
+            if ours != ref and datetime.date.today() != today:  # the clock passed midnight mid-test
+                ours = render(msgs, "smollm3", **kwargs)
+            assert ours == ref
+
+
+def test_smollm2_and_chatml_ignore_smollm3_settings(jinja_render):
+    kw = {"xml_tools": XML_TOOLS, "python_tools": PY_TOOLS, "custom_instructions": "x", "enable_thinking": False}
+    for template in ("smollm2", "chatml"):
+        assert render(CHAT3, template, **kw) == render(CHAT3, template) == jinja_render(CHAT3, template)
+
+
+def test_bad_template_settings_are_named():
+    with pytest.raises(ValueError, match=r"^xml_tools: expected a list"):
+        render(CHAT3, "smollm3", xml_tools="a string")
+    with pytest.raises(ValueError, match=r"^python_tools: expected a list"):
+        render(CHAT3, "smollm3", python_tools={"a": 1})
+    with pytest.raises(ValueError, match=r"^custom_instructions: expected a string"):
+        render(CHAT3, "smollm3", custom_instructions=3)
+
+
+def test_completion_start_trains_only_the_completion(tok):
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]
+    full = tokenize_conversation(tok, msgs, "smollm2")
+    part = tokenize_conversation(tok, msgs, "smollm2", completion_start=2)
+    assert part["input_ids"] == full["input_ids"]
+    trained = [t for t, y in zip(part["input_ids"], part["labels"]) if y != IGNORE_INDEX]
+    assert tok.decode(trained) == "6<|im_end|>"
+    assert tok.decode([t for t, y in zip(full["input_ids"], full["labels"]) if y != IGNORE_INDEX]) == \
+        "4<|im_end|>6<|im_end|>"
+    everything = tokenize_conversation(tok, msgs, "smollm2", completion_start=2, train_on="all")
+    assert everything["labels"] == everything["input_ids"]
+    # Truncation keeps whole turns but never ends on a prompt turn: the completion's turn is cut instead.
+    n = len(tokenize_conversation(tok, msgs[:2], "smollm2")["input_ids"]) + 3
+    cut = tokenize_conversation(tok, msgs, "smollm2", completion_start=2, max_length=n)
+    assert len(cut["input_ids"]) == n and all(y == IGNORE_INDEX for y in cut["labels"])
