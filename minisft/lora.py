@@ -250,7 +250,7 @@ def _write_durably(out_dir, write, overwrite):
 def _fsync(path, flags=os.O_RDONLY):
     fd = os.open(path, flags)
     try:
-        os.fsync(fd)
+        os.fsync(fd)  # a folder's fsync makes the names (renames) in it durable
     finally:
         os.close(fd)
 
@@ -282,25 +282,26 @@ def read_adapter_config(adapter_dir):
 
 
 def _configured_targets(model, targets, path):
-    """target_modules as peft reads it: a list (name or "."-suffix), "all-linear", or one regex."""
+    """target_modules as peft reads it: a list (full name or "."-suffix), "all-linear", or one regex."""
     if isinstance(targets, str) and targets.lower() != ALL_LINEAR:
         return {n for n in _linear_names(model) if re.fullmatch(targets, n)}
     if not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{path}: target_modules={json.dumps(targets)}: expected a list of module names or a string")
-    linears = _linear_names(model)
-    return set(parse_targets(model, targets)) if isinstance(targets, str) else {
-        n for n in linears if any(n == t or n.endswith("." + t) for t in targets)}
+    if isinstance(targets, str):
+        return set(parse_targets(model, targets))
+    return {n for n in _linear_names(model) if any(n == t or n.endswith("." + t) for t in targets)}
 
 
 def load_adapter(model, adapter_dir):
     """Apply the adapter in `adapter_dir` (made by save_adapter or by peft) to `model`, in place.
 
-    Wraps the layers it names in LoRALinear (float32 A, B) and loads A, B. Returns the wrapped names.
+    Every key and shape is checked before the model is touched; then the layers it names are
+    wrapped in LoRALinear (float32 A, B) and A, B loaded. Returns the wrapped names.
     """
     from safetensors import SafetensorError, safe_open
 
     cfg = read_adapter_config(adapter_dir)
-    path = os.path.join(adapter_dir, WEIGHTS)
+    path, r = os.path.join(adapter_dir, WEIGHTS), cfg["r"]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing (an adapter folder needs {WEIGHTS}; .bin pickles are not read)")
     try:
@@ -309,26 +310,25 @@ def load_adapter(model, adapter_dir):
     except SafetensorError as e:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
     targets = _configured_targets(model, cfg["target_modules"], os.path.join(adapter_dir, CONFIG))
+    shapes = {}  # key -> expected shape; peft also stores the whole base weight of a targeted lm_head
+    for name in targets:
+        out, inp = model.get_submodule(name).weight.shape
+        shapes.update({f"{PREFIX}{name}.lora_A.weight": (r, inp), f"{PREFIX}{name}.lora_B.weight": (out, r),
+                       f"{PREFIX}{name}.base_layer.weight": (out, inp)})
     for key in sorted(tensors):
-        # peft also stores the whole base weight of a targeted lm_head/embedding (".base_layer.weight")
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|base_layer)\.weight", key.removeprefix(PREFIX))
-        if not key.startswith(PREFIX) or not m or m[1] not in targets:
-            raise ValueError(f"{path}: unexpected key {key!r} (expected {PREFIX}<a target_modules layer>.lora_A.weight / .lora_B.weight)")
-    for name in sorted(targets):
-        for part in ("A", "B"):
-            if f"{PREFIX}{name}.lora_{part}.weight" not in tensors:
-                raise ValueError(f"{path}: missing key {PREFIX}{name}.lora_{part}.weight")
-    names = add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0, sorted(targets))
-    for name in names:
-        mod = model.get_submodule(name)
-        for key, param in ((f"{PREFIX}{name}.lora_A.weight", mod.lora_A), (f"{PREFIX}{name}.lora_B.weight", mod.lora_B),
-                           (f"{PREFIX}{name}.base_layer.weight", mod.base.weight)):
-            if key not in tensors:
-                continue
-            if tensors[key].shape != param.shape:
-                raise ValueError(f"{path}: {key} has shape {list(tensors[key].shape)}, expected {list(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensors[key])
+        if key not in shapes:
+            raise ValueError(f"{path}: unexpected key {key!r} (not a LoRA weight of a layer in target_modules)")
+        if tuple(tensors[key].shape) != shapes[key]:
+            raise ValueError(f"{path}: {key} has shape {list(tensors[key].shape)}, expected {list(shapes[key])}")
+    for key in sorted(k for k in shapes if ".lora_" in k and k not in tensors):
+        raise ValueError(f"{path}: missing key {key}")
+    names = add_lora(model, r, cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0, sorted(targets))
+    with torch.no_grad():
+        for name in names:
+            mod = model.get_submodule(name)
+            for part, param in (("lora_A", mod.lora_A), ("lora_B", mod.lora_B), ("base_layer", mod.base.weight)):
+                if f"{PREFIX}{name}.{part}.weight" in tensors:
+                    param.copy_(tensors[f"{PREFIX}{name}.{part}.weight"])
     return names
 
 
@@ -358,7 +358,8 @@ def main(argv=None):
     try:
         read_adapter_config(args.adapter_dir)
         model, tok = load_pretrained(args.adapter_dir, dtype="float32", device="cpu")
-        merge_lora(model)  # in float32, then cast once
+        if not merge_lora(model):  # in float32, then cast once
+            raise ValueError(f"{args.adapter_dir}: holds full model weights, not a LoRA adapter to merge")
         save_pretrained(model.to(getattr(torch, args.dtype)), tok, args.out_dir, overwrite=args.overwrite)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

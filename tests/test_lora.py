@@ -1,6 +1,8 @@
 """lora.py: LoRALinear maths and init (as peft's), targets, freezing, merging, and byte-compatible
 adapter folders: minisft <-> peft in both directions, merged folders in transformers, load_pretrained."""
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,7 +225,7 @@ def our_adapter(hf_base):
     model.eval()
     out = save_adapter(model, None, hf_base.parent / "ours", hf_base)
     with torch.no_grad():
-        return out, model(x)
+        return Path(out), model(x)
 
 
 def test_peft_loads_our_adapter(hf_base, our_adapter):
@@ -251,16 +253,34 @@ def test_load_pretrained_adapter_and_merge_cli(hf_base, our_adapter, tmp_path):
     assert max_diff(hf_logits(merged, ids()), want) <= 1e-5
 
 
-def test_merge_cli_errors(our_adapter, tmp_path):
+def test_merge_cli_errors(our_adapter, tmp_path, capsys):
     import subprocess
     import sys
+    from minisft.lora import main
     adapter_dir, _ = our_adapter
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    for args in ([str(adapter_dir), str(tmp_path / "out")], [str(tmp_path / "nowhere"), str(tmp_path / "o2")]):
-        r = subprocess.run([sys.executable, "-m", "minisft.lora", "merge", *args], capture_output=True, text=True)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run([sys.executable, "-m", "minisft.lora", "merge", str(adapter_dir), str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    for bad in (tmp_path / "nowhere", adapter_dir.parent / "base"):  # missing; a model, not an adapter
+        capsys.readouterr()
+        assert main(["merge", str(bad), str(tmp_path / "o2")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_dropout_only_on_the_adapter_path():
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(16, 8), r=4, dropout=0.5).train()
+    x = torch.randn(4, 16)
+    assert torch.equal(lin(x), lin.base(x))  # B = 0: dropout must not touch the base path
+    nn.init.normal_(lin.lora_B)
+    assert not torch.allclose(lin(x), lin(x))  # random masks on the adapter path in training
+    lin.eval()
+    torch.testing.assert_close(lin(x), lin.base(x) + 4.0 * x @ lin.lora_A.T @ lin.lora_B.T)
 
 
 def test_relative_base_and_overwrite(hf_base, our_adapter, tmp_path, monkeypatch):
@@ -314,17 +334,26 @@ def test_real_smollm2_adapter_in_peft(smollm2_dir, tmp_path):
     x = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         want = model(x)
-    out = save_adapter(model, tok, tmp_path / "ad", str(smollm2_dir), chat_template="{{ 'x' }}")
-    assert {p.name for p in out and __import__("pathlib").Path(out).iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    out = save_adapter(model, tok, tmp_path / "ad", str(smollm2_dir))
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     del model
     pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir), out).eval()
-    got = hf_logits(pm, x)
-    assert max_diff(got, want) <= 1e-5
+    assert max_diff(hf_logits(pm, x), want) <= 1e-5
+
+
+def test_adapter_folder_tokenizer(smollm2_dir, our_adapter, tmp_path):
+    """load_pretrained(adapter) takes the adapter folder's tokenizer (here with its own chat template)."""
+    from minisft.lora import save_adapter
+    from minisft.tokenizer import Tokenizer
+    from minisft.weights import load_pretrained
+    model, tok = load_pretrained(our_adapter[0], device="cpu")
+    assert tok is None  # neither the adapter nor its base has one
+    out = save_adapter(model, Tokenizer.from_dir(smollm2_dir), tmp_path / "ad", our_adapter[0].parent / "base",
+                       chat_template="{{ 'x' }}")
     again, tok2 = load_pretrained(out, device="cpu")
-    assert tok2.chat_template == "{{ 'x' }}"
+    assert tok2 is not None and tok2.chat_template == "{{ 'x' }}"
     with torch.no_grad():
-        assert max_diff(again(x), want) <= 1e-5
+        assert max_diff(again(ids()), our_adapter[1]) <= 1e-5
 
 
 # ---- bad adapter folders: one line naming the file and the key -----------------------------------------
@@ -355,7 +384,7 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     (lambda c: c.update(target_modules=["q_proj"]), None, "adapter_model.safetensors: unexpected key .base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"),
     (None, lambda t: t.pop(Q), f"adapter_model.safetensors: missing key {Q}"),
     (None, lambda t: t.update({Q: torch.zeros(4, 63)}), f"adapter_model.safetensors: {Q} has shape \\[4, 63\\], expected \\[4, 64\\]"),
-    (None, lambda t: t.update({"base_model.model.model.layers.0.mlp.lora_A.weight": torch.zeros(1)}), "unexpected key 'base_model.model.model.layers.0.mlp.lora_A.weight'"),
+    (None, lambda t: t.update({"base_model.model.model.layers.0.mlp.lora_A.weight": torch.zeros(1)}), "unexpected key 'base_model.model.model.layers.0.mlp.lora_A.weight' \\(not a LoRA weight"),
 ])
 def test_bad_adapter_errors(hf_base, our_adapter, tmp_path, config, tensors, match):
     from minisft.weights import load_pretrained
