@@ -214,14 +214,14 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
 def _write_durably(out_dir, write, overwrite):
     from minisft.weights import _fresh_name
     out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"{out_dir}: exists and is not a folder")
-        names = os.listdir(out_dir)
-        if names and (CONFIG not in names or any(os.path.isdir(os.path.join(out_dir, n)) for n in names)):
-            raise FileExistsError(f"{out_dir}: folder exists, is not empty and is not an adapter folder; choose another")
-        if names and not overwrite:
-            raise FileExistsError(f"{out_dir}: an adapter folder already exists here; pass overwrite=True to replace it")
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a folder")
+    # Never replace anything but an adapter folder (a run folder has sub-folders: never that).
+    if names and (CONFIG not in names or any(os.path.isdir(os.path.join(out_dir, n)) for n in names)):
+        raise FileExistsError(f"{out_dir}: folder exists, is not empty and is not an adapter folder; choose another")
+    if names and not overwrite:
+        raise FileExistsError(f"{out_dir}: an adapter folder already exists here; pass overwrite=True to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp, old = _fresh_name(out_dir, "tmp"), _fresh_name(out_dir, "old")
@@ -348,10 +348,9 @@ def main(argv=None):
     import argparse
     from minisft.weights import load_pretrained, save_pretrained
     ap = argparse.ArgumentParser(prog="python -m minisft.lora", description="Merge a LoRA adapter into its base model.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("merge", help="write base + adapter as one plain model folder (Hugging Face layout)")
-    m.add_argument("adapter_dir")
-    m.add_argument("out_dir")
+    m = ap.add_subparsers(dest="cmd", required=True).add_parser(
+        "merge", help="write base + adapter as one plain model folder (Hugging Face layout)")
+    m.add_argument("adapter_dir"), m.add_argument("out_dir")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the merged weights")
     m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at OUT_DIR")
     args = ap.parse_args(argv)
@@ -369,4 +368,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: this file as __main__ would define a second LoRALinear
+    # class, and the layers load_adapter makes would not be instances of it.
+    from minisft.lora import main as _main
+    sys.exit(_main())

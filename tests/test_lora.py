@@ -2,6 +2,8 @@
 adapter folders: minisft <-> peft in both directions, merged folders in transformers, load_pretrained."""
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,21 +243,20 @@ def test_peft_loads_our_adapter(hf_base, our_adapter):
 
 
 def test_load_pretrained_adapter_and_merge_cli(hf_base, our_adapter, tmp_path):
-    from minisft.lora import main
     from minisft.weights import load_pretrained
     adapter_dir, want = our_adapter
     model, tok = load_pretrained(adapter_dir, device="cpu")
     assert tok is None and sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * len(ALL)
     with torch.no_grad():
         assert max_diff(model(ids()), want) <= 1e-5
-    assert main(["merge", str(adapter_dir), str(tmp_path / "merged")]) == 0
+    r = subprocess.run([sys.executable, "-m", "minisft.lora", "merge", str(adapter_dir), str(tmp_path / "merged")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert max_diff(hf_logits(merged, ids()), want) <= 1e-5
 
 
 def test_merge_cli_errors(our_adapter, tmp_path, capsys):
-    import subprocess
-    import sys
     from minisft.lora import main
     adapter_dir, _ = our_adapter
     (tmp_path / "out").mkdir()
