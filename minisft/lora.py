@@ -18,6 +18,7 @@ The files are peft's: `save_adapter` writes adapter_config.json + adapter_model.
 
 Shapes: in / out the layer's input / output features, r the rank, ... any leading dimensions.
 """
+import argparse
 import json
 import math
 import os
@@ -27,6 +28,10 @@ import sys
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minisft.weights import _fresh_name, _write_json, load_pretrained, save_pretrained
 
 ALL_LINEAR = "all-linear"
 
@@ -113,6 +118,8 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=ALL_LINEAR):
     """Wrap the target linear layers of `model` in LoRALinear, in place; freeze everything else.
 
     Returns the names of the wrapped modules (e.g. "model.layers.0.self_attn.q_proj").
+    A and B are float32 whatever the base dtype: cast the base (e.g. to bfloat16) before calling
+    this, since model.to(dtype) afterwards would cast A and B as well.
     """
     _check_settings(r, alpha, dropout)
     if _lora_modules(model):
@@ -181,9 +188,6 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
     Durable: written into a temp folder, every file and the folder fsynced, renamed into place.
     An existing adapter folder is replaced only with overwrite=True. Returns out_dir.
     """
-    from safetensors.torch import save_file
-    from minisft.weights import _write_json
-
     mods = _lora_modules(model)
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers (call add_lora or load_adapter first)")
@@ -195,10 +199,8 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
     # Short names ("q_proj") when they select exactly the wrapped layers, else the full names.
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     targets = short if sorted(parse_targets(model, short)) == sorted(names) else sorted(names)
-    tensors = {}
-    for name, m in mods:
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    tensors = {f"{PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().to("cpu").contiguous()
+               for name, m in mods for ab in "AB"}
     config = {**PLAIN, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
               "lora_dropout": dropout, "target_modules": targets, "base_model_name_or_path": str(base_model_name_or_path),
               "revision": None, "inference_mode": True, "init_lora_weights": True, "auto_mapping": None}
@@ -212,7 +214,6 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
 
 
 def _write_durably(out_dir, write, overwrite):
-    from minisft.weights import _fresh_name
     out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -298,8 +299,6 @@ def load_adapter(model, adapter_dir):
     Every key and shape is checked before the model is touched; then the layers it names are
     wrapped in LoRALinear (float32 A, B) and A, B loaded. Returns the wrapped names.
     """
-    from safetensors import SafetensorError, safe_open
-
     cfg = read_adapter_config(adapter_dir)
     path, r = os.path.join(adapter_dir, WEIGHTS), cfg["r"]
     if not os.path.isfile(path):
@@ -345,8 +344,6 @@ def adapter_base(adapter_dir):
 
 # ---- python -m minisft.lora merge ADAPTER_DIR OUT_DIR -----------------------------------------
 def main(argv=None):
-    import argparse
-    from minisft.weights import load_pretrained, save_pretrained
     ap = argparse.ArgumentParser(prog="python -m minisft.lora", description="Merge a LoRA adapter into its base model.")
     m = ap.add_subparsers(dest="cmd", required=True).add_parser(
         "merge", help="write base + adapter as one plain model folder (Hugging Face layout)")

@@ -256,6 +256,16 @@ def test_load_pretrained_adapter_and_merge_cli(hf_base, our_adapter, tmp_path):
     assert max_diff(hf_logits(merged, ids()), want) <= 1e-5
 
 
+def test_bf16_base_with_loaded_adapter(our_adapter):
+    from minisft.weights import load_pretrained
+    model, _ = load_pretrained(our_adapter[0], dtype="bfloat16", device="cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.base.weight.dtype == torch.bfloat16 and q.lora_A.dtype == q.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        got = model(ids())
+    assert got.dtype == torch.bfloat16 and max_diff(got, our_adapter[1]) < 0.05
+
+
 def test_merge_cli_errors(our_adapter, tmp_path, capsys):
     from minisft.lora import main
     adapter_dir, _ = our_adapter
