@@ -182,8 +182,12 @@ def test_merge_in_bf16_keeps_dtype():
     model = tiny_model().to(torch.bfloat16)
     add_lora(model)
     randomize_b(model)
+    lin = model.model.layers[0].mlp.up_proj
+    want = (lin.base.weight.float() + 2.0 * lin.lora_B.float() @ lin.lora_A.float()).to(torch.bfloat16)
+    assert not torch.equal(want, lin.base.weight)
     merge_lora(model)
-    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert w.dtype == torch.bfloat16 and torch.equal(w, want)
 
 
 # ---- adapter folders: minisft <-> peft <-> transformers ----------------------------------------------
