@@ -54,6 +54,8 @@ def test_init_b_zero_and_a_like_peft():
     torch.manual_seed(0)
     lin = LoRALinear(nn.Linear(256, 64), r=16)
     assert torch.count_nonzero(lin.lora_B) == 0
+    lin(torch.randn(3, 256)).pow(2).sum().backward()  # at B = 0 only B learns first, A follows
+    assert lin.lora_B.grad.abs().sum() > 0 and torch.count_nonzero(lin.lora_A.grad) == 0
     # kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)), std = bound / sqrt(3)
     bound = 1 / math.sqrt(256)
     assert lin.lora_A.abs().max() <= bound and lin.lora_A.abs().max() > 0.95 * bound
