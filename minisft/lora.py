@@ -18,6 +18,7 @@ The files are peft's: `save_adapter` writes adapter_config.json + adapter_model.
 
 Shapes: in / out the layer's input / output features, r the rank, ... any leading dimensions.
 """
+import argparse
 import json
 import math
 import os
@@ -27,6 +28,10 @@ import sys
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minisft.weights import _fresh_name, _write_json, load_pretrained, save_pretrained
 
 ALL_LINEAR = "all-linear"
 
@@ -113,6 +118,8 @@ def add_lora(model, r=8, alpha=16, dropout=0.0, targets=ALL_LINEAR):
     """Wrap the target linear layers of `model` in LoRALinear, in place; freeze everything else.
 
     Returns the names of the wrapped modules (e.g. "model.layers.0.self_attn.q_proj").
+    A and B are float32 whatever the base dtype: cast the base (e.g. to bfloat16) before calling
+    this, since model.to(dtype) afterwards would cast A and B as well.
     """
     _check_settings(r, alpha, dropout)
     if _lora_modules(model):
@@ -181,9 +188,6 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
     Durable: written into a temp folder, every file and the folder fsynced, renamed into place.
     An existing adapter folder is replaced only with overwrite=True. Returns out_dir.
     """
-    from safetensors.torch import save_file
-    from minisft.weights import _write_json
-
     mods = _lora_modules(model)
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers (call add_lora or load_adapter first)")
@@ -195,10 +199,8 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
     # Short names ("q_proj") when they select exactly the wrapped layers, else the full names.
     short = sorted({n.rsplit(".", 1)[-1] for n in names})
     targets = short if sorted(parse_targets(model, short)) == sorted(names) else sorted(names)
-    tensors = {}
-    for name, m in mods:
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().to("cpu").contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().to("cpu").contiguous()
+    tensors = {f"{PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().to("cpu").contiguous()
+               for name, m in mods for ab in "AB"}
     config = {**PLAIN, "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
               "lora_dropout": dropout, "target_modules": targets, "base_model_name_or_path": str(base_model_name_or_path),
               "revision": None, "inference_mode": True, "init_lora_weights": True, "auto_mapping": None}
@@ -212,16 +214,15 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
 
 
 def _write_durably(out_dir, write, overwrite):
-    from minisft.weights import _fresh_name
     out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise FileExistsError(f"{out_dir}: exists and is not a folder")
-        names = os.listdir(out_dir)
-        if names and (CONFIG not in names or any(os.path.isdir(os.path.join(out_dir, n)) for n in names)):
-            raise FileExistsError(f"{out_dir}: folder exists, is not empty and is not an adapter folder; choose another")
-        if names and not overwrite:
-            raise FileExistsError(f"{out_dir}: an adapter folder already exists here; pass overwrite=True to replace it")
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a folder")
+    # Never replace anything but an adapter folder (a run folder has sub-folders: never that).
+    if names and (CONFIG not in names or any(os.path.isdir(os.path.join(out_dir, n)) for n in names)):
+        raise FileExistsError(f"{out_dir}: folder exists, is not empty and is not an adapter folder; choose another")
+    if names and not overwrite:
+        raise FileExistsError(f"{out_dir}: an adapter folder already exists here; pass overwrite=True to replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp, old = _fresh_name(out_dir, "tmp"), _fresh_name(out_dir, "old")
@@ -250,7 +251,7 @@ def _write_durably(out_dir, write, overwrite):
 def _fsync(path, flags=os.O_RDONLY):
     fd = os.open(path, flags)
     try:
-        os.fsync(fd)
+        os.fsync(fd)  # a folder's fsync makes the names (renames) in it durable
     finally:
         os.close(fd)
 
@@ -282,25 +283,24 @@ def read_adapter_config(adapter_dir):
 
 
 def _configured_targets(model, targets, path):
-    """target_modules as peft reads it: a list (name or "."-suffix), "all-linear", or one regex."""
+    """target_modules as peft reads it: a list (full name or "."-suffix), "all-linear", or one regex."""
     if isinstance(targets, str) and targets.lower() != ALL_LINEAR:
         return {n for n in _linear_names(model) if re.fullmatch(targets, n)}
     if not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{path}: target_modules={json.dumps(targets)}: expected a list of module names or a string")
-    linears = _linear_names(model)
-    return set(parse_targets(model, targets)) if isinstance(targets, str) else {
-        n for n in linears if any(n == t or n.endswith("." + t) for t in targets)}
+    if isinstance(targets, str):
+        return set(parse_targets(model, targets))
+    return {n for n in _linear_names(model) if any(n == t or n.endswith("." + t) for t in targets)}
 
 
 def load_adapter(model, adapter_dir):
     """Apply the adapter in `adapter_dir` (made by save_adapter or by peft) to `model`, in place.
 
-    Wraps the layers it names in LoRALinear (float32 A, B) and loads A, B. Returns the wrapped names.
+    Every key and shape is checked before the model is touched; then the layers it names are
+    wrapped in LoRALinear (float32 A, B) and A, B loaded. Returns the wrapped names.
     """
-    from safetensors import SafetensorError, safe_open
-
     cfg = read_adapter_config(adapter_dir)
-    path = os.path.join(adapter_dir, WEIGHTS)
+    path, r = os.path.join(adapter_dir, WEIGHTS), cfg["r"]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: missing (an adapter folder needs {WEIGHTS}; .bin pickles are not read)")
     try:
@@ -309,26 +309,25 @@ def load_adapter(model, adapter_dir):
     except SafetensorError as e:
         raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
     targets = _configured_targets(model, cfg["target_modules"], os.path.join(adapter_dir, CONFIG))
+    shapes = {}  # key -> expected shape; peft also stores the whole base weight of a targeted lm_head
+    for name in targets:
+        out, inp = model.get_submodule(name).weight.shape
+        shapes.update({f"{PREFIX}{name}.lora_A.weight": (r, inp), f"{PREFIX}{name}.lora_B.weight": (out, r),
+                       f"{PREFIX}{name}.base_layer.weight": (out, inp)})
     for key in sorted(tensors):
-        # peft also stores the whole base weight of a targeted lm_head/embedding (".base_layer.weight")
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|base_layer)\.weight", key.removeprefix(PREFIX))
-        if not key.startswith(PREFIX) or not m or m[1] not in targets:
-            raise ValueError(f"{path}: unexpected key {key!r} (expected {PREFIX}<a target_modules layer>.lora_A.weight / .lora_B.weight)")
-    for name in sorted(targets):
-        for part in ("A", "B"):
-            if f"{PREFIX}{name}.lora_{part}.weight" not in tensors:
-                raise ValueError(f"{path}: missing key {PREFIX}{name}.lora_{part}.weight")
-    names = add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0, sorted(targets))
-    for name in names:
-        mod = model.get_submodule(name)
-        for key, param in ((f"{PREFIX}{name}.lora_A.weight", mod.lora_A), (f"{PREFIX}{name}.lora_B.weight", mod.lora_B),
-                           (f"{PREFIX}{name}.base_layer.weight", mod.base.weight)):
-            if key not in tensors:
-                continue
-            if tensors[key].shape != param.shape:
-                raise ValueError(f"{path}: {key} has shape {list(tensors[key].shape)}, expected {list(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensors[key])
+        if key not in shapes:
+            raise ValueError(f"{path}: unexpected key {key!r} (not a LoRA weight of a layer in target_modules)")
+        if tuple(tensors[key].shape) != shapes[key]:
+            raise ValueError(f"{path}: {key} has shape {list(tensors[key].shape)}, expected {list(shapes[key])}")
+    for key in sorted(k for k in shapes if ".lora_" in k and k not in tensors):
+        raise ValueError(f"{path}: missing key {key}")
+    names = add_lora(model, r, cfg["lora_alpha"], cfg.get("lora_dropout") or 0.0, sorted(targets))
+    with torch.no_grad():
+        for name in names:
+            mod = model.get_submodule(name)
+            for part, param in (("lora_A", mod.lora_A), ("lora_B", mod.lora_B), ("base_layer", mod.base.weight)):
+                if f"{PREFIX}{name}.{part}.weight" in tensors:
+                    param.copy_(tensors[f"{PREFIX}{name}.{part}.weight"])
     return names
 
 
@@ -345,20 +344,18 @@ def adapter_base(adapter_dir):
 
 # ---- python -m minisft.lora merge ADAPTER_DIR OUT_DIR -----------------------------------------
 def main(argv=None):
-    import argparse
-    from minisft.weights import load_pretrained, save_pretrained
     ap = argparse.ArgumentParser(prog="python -m minisft.lora", description="Merge a LoRA adapter into its base model.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("merge", help="write base + adapter as one plain model folder (Hugging Face layout)")
-    m.add_argument("adapter_dir")
-    m.add_argument("out_dir")
+    m = ap.add_subparsers(dest="cmd", required=True).add_parser(
+        "merge", help="write base + adapter as one plain model folder (Hugging Face layout)")
+    m.add_argument("adapter_dir"), m.add_argument("out_dir")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the merged weights")
     m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at OUT_DIR")
     args = ap.parse_args(argv)
     try:
         read_adapter_config(args.adapter_dir)
         model, tok = load_pretrained(args.adapter_dir, dtype="float32", device="cpu")
-        merge_lora(model)  # in float32, then cast once
+        if not merge_lora(model):  # in float32, then cast once
+            raise ValueError(f"{args.adapter_dir}: holds full model weights, not a LoRA adapter to merge")
         save_pretrained(model.to(getattr(torch, args.dtype)), tok, args.out_dir, overwrite=args.overwrite)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -368,4 +365,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: this file as __main__ would define a second LoRALinear
+    # class, and the layers load_adapter makes would not be instances of it.
+    from minisft.lora import main as _main
+    sys.exit(_main())

@@ -10,6 +10,7 @@ What it teaches:
   because a half-loaded model still runs and silently produces nonsense.
 - Only safetensors are read. A `.bin`/`.pt` file is a pickle, and unpickling can run any code.
 - A tied model stores the embedding once; `lm_head.weight` is the same Parameter.
+- A LoRA adapter folder (adapter_config.json, see lora.py) loads as its base model plus the adapter.
 - Saving is atomic: files are written into a temporary folder that is renamed into place, so
   an interrupted save never leaves a half-written model behind.
 """

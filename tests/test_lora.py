@@ -1,6 +1,10 @@
 """lora.py: LoRALinear maths and init (as peft's), targets, freezing, merging, and byte-compatible
 adapter folders: minisft <-> peft in both directions, merged folders in transformers, load_pretrained."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +54,8 @@ def test_init_b_zero_and_a_like_peft():
     torch.manual_seed(0)
     lin = LoRALinear(nn.Linear(256, 64), r=16)
     assert torch.count_nonzero(lin.lora_B) == 0
+    lin(torch.randn(3, 256)).pow(2).sum().backward()  # at B = 0 only B learns first, A follows
+    assert lin.lora_B.grad.abs().sum() > 0 and torch.count_nonzero(lin.lora_A.grad) == 0
     # kaiming_uniform_(a=sqrt(5)) on [r, in]: U(-1/sqrt(in), 1/sqrt(in)), std = bound / sqrt(3)
     bound = 1 / math.sqrt(256)
     assert lin.lora_A.abs().max() <= bound and lin.lora_A.abs().max() > 0.95 * bound
@@ -178,8 +184,12 @@ def test_merge_in_bf16_keeps_dtype():
     model = tiny_model().to(torch.bfloat16)
     add_lora(model)
     randomize_b(model)
+    lin = model.model.layers[0].mlp.up_proj
+    want = (lin.base.weight.float() + 2.0 * lin.lora_B.float() @ lin.lora_A.float()).to(torch.bfloat16)
+    assert not torch.equal(want, lin.base.weight)
     merge_lora(model)
-    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert w.dtype == torch.bfloat16 and torch.equal(w, want)
 
 
 # ---- adapter folders: minisft <-> peft <-> transformers ----------------------------------------------
@@ -223,7 +233,7 @@ def our_adapter(hf_base):
     model.eval()
     out = save_adapter(model, None, hf_base.parent / "ours", hf_base)
     with torch.no_grad():
-        return out, model(x)
+        return Path(out), model(x)
 
 
 def test_peft_loads_our_adapter(hf_base, our_adapter):
@@ -239,28 +249,55 @@ def test_peft_loads_our_adapter(hf_base, our_adapter):
 
 
 def test_load_pretrained_adapter_and_merge_cli(hf_base, our_adapter, tmp_path):
-    from minisft.lora import main
     from minisft.weights import load_pretrained
     adapter_dir, want = our_adapter
     model, tok = load_pretrained(adapter_dir, device="cpu")
     assert tok is None and sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * len(ALL)
     with torch.no_grad():
         assert max_diff(model(ids()), want) <= 1e-5
-    assert main(["merge", str(adapter_dir), str(tmp_path / "merged")]) == 0
+    r = subprocess.run([sys.executable, "-m", "minisft.lora", "merge", str(adapter_dir), str(tmp_path / "merged")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert max_diff(hf_logits(merged, ids()), want) <= 1e-5
 
 
-def test_merge_cli_errors(our_adapter, tmp_path):
-    import subprocess
-    import sys
+def test_bf16_base_with_loaded_adapter(our_adapter):
+    from minisft.weights import load_pretrained
+    model, _ = load_pretrained(our_adapter[0], dtype="bfloat16", device="cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.base.weight.dtype == torch.bfloat16 and q.lora_A.dtype == q.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        got = model(ids())
+    assert got.dtype == torch.bfloat16 and max_diff(got, our_adapter[1]) < 0.05
+
+
+def test_merge_cli_errors(our_adapter, tmp_path, capsys):
+    from minisft.lora import main
     adapter_dir, _ = our_adapter
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    for args in ([str(adapter_dir), str(tmp_path / "out")], [str(tmp_path / "nowhere"), str(tmp_path / "o2")]):
-        r = subprocess.run([sys.executable, "-m", "minisft.lora", "merge", *args], capture_output=True, text=True)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run([sys.executable, "-m", "minisft.lora", "merge", str(adapter_dir), str(tmp_path / "out")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    for bad in (tmp_path / "nowhere", adapter_dir.parent / "base"):  # missing; a model, not an adapter
+        capsys.readouterr()
+        assert main(["merge", str(bad), str(tmp_path / "o2")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_dropout_only_on_the_adapter_path():
+    torch.manual_seed(0)
+    lin = LoRALinear(nn.Linear(16, 8), r=4, dropout=0.5).train()
+    x = torch.randn(4, 16)
+    assert torch.equal(lin(x), lin.base(x))  # B = 0: dropout must not touch the base path
+    nn.init.normal_(lin.lora_B)
+    assert not torch.allclose(lin(x), lin(x))  # random masks on the adapter path in training
+    lin.eval()
+    torch.testing.assert_close(lin(x), lin.base(x) + 4.0 * x @ lin.lora_A.T @ lin.lora_B.T)
 
 
 def test_relative_base_and_overwrite(hf_base, our_adapter, tmp_path, monkeypatch):
@@ -314,17 +351,26 @@ def test_real_smollm2_adapter_in_peft(smollm2_dir, tmp_path):
     x = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         want = model(x)
-    out = save_adapter(model, tok, tmp_path / "ad", str(smollm2_dir), chat_template="{{ 'x' }}")
-    assert {p.name for p in out and __import__("pathlib").Path(out).iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    out = save_adapter(model, tok, tmp_path / "ad", str(smollm2_dir))
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     del model
     pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir), out).eval()
-    got = hf_logits(pm, x)
-    assert max_diff(got, want) <= 1e-5
+    assert max_diff(hf_logits(pm, x), want) <= 1e-5
+
+
+def test_adapter_folder_tokenizer(smollm2_dir, our_adapter, tmp_path):
+    """load_pretrained(adapter) takes the adapter folder's tokenizer (here with its own chat template)."""
+    from minisft.lora import save_adapter
+    from minisft.tokenizer import Tokenizer
+    from minisft.weights import load_pretrained
+    model, tok = load_pretrained(our_adapter[0], device="cpu")
+    assert tok is None  # neither the adapter nor its base has one
+    out = save_adapter(model, Tokenizer.from_dir(smollm2_dir), tmp_path / "ad", our_adapter[0].parent / "base",
+                       chat_template="{{ 'x' }}")
     again, tok2 = load_pretrained(out, device="cpu")
-    assert tok2.chat_template == "{{ 'x' }}"
+    assert tok2 is not None and tok2.chat_template == "{{ 'x' }}"
     with torch.no_grad():
-        assert max_diff(again(x), want) <= 1e-5
+        assert max_diff(again(ids()), our_adapter[1]) <= 1e-5
 
 
 # ---- bad adapter folders: one line naming the file and the key -----------------------------------------
@@ -355,7 +401,7 @@ Q = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     (lambda c: c.update(target_modules=["q_proj"]), None, "adapter_model.safetensors: unexpected key .base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"),
     (None, lambda t: t.pop(Q), f"adapter_model.safetensors: missing key {Q}"),
     (None, lambda t: t.update({Q: torch.zeros(4, 63)}), f"adapter_model.safetensors: {Q} has shape \\[4, 63\\], expected \\[4, 64\\]"),
-    (None, lambda t: t.update({"base_model.model.model.layers.0.mlp.lora_A.weight": torch.zeros(1)}), "unexpected key 'base_model.model.model.layers.0.mlp.lora_A.weight'"),
+    (None, lambda t: t.update({"base_model.model.model.layers.0.mlp.lora_A.weight": torch.zeros(1)}), "unexpected key 'base_model.model.model.layers.0.mlp.lora_A.weight' \\(not a LoRA weight"),
 ])
 def test_bad_adapter_errors(hf_base, our_adapter, tmp_path, config, tensors, match):
     from minisft.weights import load_pretrained
