@@ -29,7 +29,8 @@ def test_train_from_a_hub_dataset_id_offline(tiny, tmp_path, offline_cache, caps
     rows = read_metrics(str(tmp_path / "run"))
     assert len(rows) == 2 and "val_loss" in rows[-1]
     # Not in the cache and offline: one line of advice, exit 2, nothing written.
-    assert T.main(argv[:5] + ["--data-split", "chats"] + argv[7:] + ["--overwrite"]) == 2
+    missing = [a if a != "everyday" else "chats" for a in argv] + ["--overwrite"]
+    assert T.main(missing) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--repo-type dataset" in err
 
@@ -54,7 +55,9 @@ def test_train_on_prompt_completion_and_text_formats(tiny, tmp_path):
 def test_samples_from_template_settings(tiny, tmp_path):
     """Validation records with per-record settings give sample prompts rendered with those settings."""
     val = write_jsonl(tmp_path / "val.jsonl", [qa(1), qa(2)])
-    out = T.train(config(tiny, tmp_path / "run", val_data=str(val), template="smollm3", max_steps=1, sample_every=1))
+    train = write_jsonl(tmp_path / "train.jsonl", [qa(i) for i in range(8)])
+    out = T.train(config(tiny, tmp_path / "run", data=str(train), val_data=str(val), template="smollm3", max_steps=1,
+                         sample_every=1))
     samples = [json.loads(ln) for ln in open(tmp_path / "run" / "samples.jsonl")]
     assert [s["question"] for s in samples] == ["What is 1 + 1?", "What is 2 + 2?"]
     assert out["steps"] == 1
