@@ -210,8 +210,12 @@ def load_pretrained(name_or_path, dtype=None, device=None):
 
     dtype: None/"float32" or "bfloat16" (or the torch dtypes). device: None -> pick_device().
     The tokenizer is None when the folder has no tokenizer.json.
+    A LoRA adapter folder (adapter_config.json, no model weights) loads its base model
+    (`base_model_name_or_path`) with the adapter applied, and the adapter folder's tokenizer if it has one.
     """
     folder = resolve_model_dir(name_or_path)
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")) and not _has_model_files(folder):
+        return _load_with_adapter(folder, dtype, device)
     dtype = _parse_dtype(dtype)
     device = device or pick_device()
     cfg_path = os.path.join(folder, "config.json")
@@ -245,6 +249,23 @@ def load_pretrained(name_or_path, dtype=None, device=None):
     tokenizer = None
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         tokenizer = Tokenizer.from_dir(folder)
+    return model, tokenizer
+
+
+def _load_with_adapter(adapter_dir, dtype, device):
+    from minisft.lora import adapter_base, load_adapter
+    base = adapter_base(adapter_dir)
+    try:
+        base_dir = resolve_model_dir(base)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"{adapter_dir}: base model {base!r} of this adapter: {e}") from None
+    if not _has_model_files(base_dir) and os.path.isfile(os.path.join(base_dir, "adapter_config.json")):
+        raise ValueError(f"{adapter_dir}: base model {base!r} is itself an adapter; merge that one first")
+    model, tokenizer = load_pretrained(base_dir, dtype=dtype, device=device)
+    load_adapter(model, adapter_dir)
+    model.eval()
+    if os.path.isfile(os.path.join(adapter_dir, "tokenizer.json")):
+        tokenizer = Tokenizer.from_dir(adapter_dir)
     return model, tokenizer
 
 
