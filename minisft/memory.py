@@ -81,12 +81,10 @@ def build(cfg, lora_r=0, lora_targets="all-linear", bf16=True, device="cpu"):
         for p in model.parameters():
             torch.nn.init.uniform_(p, -0.05, 0.05)
     if lora_r:
-        from minisft.lora import add_lora
-        model.requires_grad_(False)
+        from minisft.lora import add_lora  # freezes the base; the adapters are float32
         if bf16:
-            model.to(torch.bfloat16)  # the frozen base needs no float32 master copy
-        with torch.device(device):
-            add_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=lora_targets)
+            model.to(torch.bfloat16)  # a frozen base needs no float32 master copy
+        add_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=lora_targets)
     return model.train()
 
 
