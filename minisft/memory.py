@@ -151,8 +151,8 @@ def activation_bytes(cfg, batch, length, bf16, lora_r=0, lora_targets="all-linea
     """Count on 1 and 2 real layers of cfg, scale to all its layers
     -> dict of bytes: activations (all layers), loss, block (one block's recompute), per_layer."""
     torch.manual_seed(0)  # random weights: the counts depend on shapes only, but runs stay repeatable
-    model = build(dataclasses.replace(cfg, num_hidden_layers=2, use_rope=cfg.use_rope[:2]),
-                  lora_r, lora_targets, bf16)
+    n = min(2, cfg.num_hidden_layers)
+    model = build(dataclasses.replace(cfg, num_hidden_layers=n, use_rope=cfg.use_rope[:n]), lora_r, lora_targets, bf16)
 
     def count(n_layers, ckpt, with_loss, at):
         model.grad_checkpointing = ckpt
@@ -160,8 +160,8 @@ def activation_bytes(cfg, batch, length, bf16, lora_r=0, lora_targets="all-linea
             return fit_length(lambda t: saved_bytes(model, batch, t, bf16, with_loss), length, at)
 
     def model_part(ckpt):  # -> (1-layer model part, cost of one more layer)
-        one, two = count(1, ckpt, False, COUNT_LENGTH)[0], count(2, ckpt, False, COUNT_LENGTH)[0]
-        return one, two - one
+        one, two = count(1, ckpt, False, COUNT_LENGTH)[0], count(n, ckpt, False, COUNT_LENGTH)[0]
+        return one, two - one if n == 2 else one  # a 1-layer model: its only layer stands for one layer
 
     one, layer = model_part(checkpointing)
     # The loss keeps O(N) and computes [chunk, V] logits: counted on a short sequence, it is quick.
@@ -184,9 +184,9 @@ def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype):
 def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear", grad_checkpointing=False,
              dtype="bfloat16"):
     """-> dict: each part of PARTS in bytes, total, counts and settings. `model`: folder, Hub id or config.json."""
-    if batch_size < 1 or max_length < 2 or lora_r < 0:
-        raise ValueError(f"expected --batch-size >= 1, --max-length >= 2, --lora-r >= 0; got {batch_size}, "
-                         f"{max_length}, {lora_r}")
+    for flag, value, least in (("batch-size", batch_size, 1), ("max-length", max_length, 2), ("lora-r", lora_r, 0)):
+        if value < least:
+            raise ValueError(f"--{flag} {value}: expected an integer >= {least}")
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
     cfg = read_config(model)
