@@ -28,6 +28,8 @@ every position is made a target (the most the loss can keep). The parts are simp
 bound, as gradients fill up while activations are freed. Allocator slack and CUDA's own context (a few
 hundred MB) are not counted.
 
+Sizes are printed in GB = 10^9 bytes.
+
 Shapes: B batch, T sequence length, D hidden size, V vocab size, N = B*(T-1) target tokens.
 """
 import argparse

@@ -3,6 +3,8 @@ gradients / optimizer parts equal what a real AdamW step allocates, the CLI's --
 and SmolLM3-3B with LoRA and checkpointing fits in 16 GB."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -110,6 +112,14 @@ def test_bad_arguments_are_one_line_errors(capsys, monkeypatch, args, words):
     assert memory.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and words in err
+
+
+def test_cli_exit_code_and_stderr(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "minisft.memory", "--model", str(tmp_path / "missing")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "missing" in r.stderr
 
 
 def test_smollm3_3b_lora_with_checkpointing_fits_in_16_gb():
