@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_TYPES = ("llama", "smollm3")
 
@@ -296,6 +297,9 @@ class SmolLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter, two uses
+        # Activation checkpointing per decoder block (see hidden_states): less memory, one more
+        # forward pass of every block during backward. A plain switch the trainer sets.
+        self.grad_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -329,8 +333,19 @@ class SmolLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn_mask = build_attn_mask(attention_mask, past, T, input_ids.device)
+        # Checkpointing keeps only each block's input [B, T, D] for backward and runs the block
+        # again to get the rest. Only when a backward will follow, and never with a cache: a
+        # recomputed block would append its keys and values to the cache a second time.
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.model.layers:
-            x = block(x, cos, sin, attn_mask, cache)
+            if recompute:
+                # use_reentrant=False: the reentrant variant gives no gradient to the block's weights
+                # when its input does not require grad (LoRA on a frozen embedding), and this one
+                # also works with autograd's saved-tensor hooks. The RNG state is saved and restored
+                # for the recompute, so a dropout inside (LoRA dropout) draws the same mask twice.
+                x = checkpoint(block, x, cos, sin, attn_mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, attn_mask, cache)
         return self.model.norm(x)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None):

@@ -1,0 +1,253 @@
+"""Will it fit? The memory of a training step, counted before you rent a GPU.
+
+    python -m minisft.memory --model M --batch-size 2 --max-length 2048 [--lora-r 8] [--lora-targets all-linear]
+                             [--grad-checkpointing] [--dtype bfloat16|float32] [--json]
+
+Read with lesson 9 (speed and memory). A training step holds six things at once:
+
+  weights      Full fine-tuning: float32 master weights (train.py keeps float32 weights and runs the
+               maths in bf16 under autocast; --dtype bfloat16 means that autocast). LoRA: the frozen base
+               in bf16 with --dtype bfloat16 (2 bytes per parameter), float32 otherwise; the adapters
+               in float32.
+  gradients    4 bytes per trainable parameter (float32, like the weights they belong to).
+  optimizer    AdamW: two float32 moments per trainable parameter, plus a 4-byte step counter per tensor.
+  activations  what autograd keeps from the forward pass for the backward pass.
+  loss         what the chunked loss keeps (the hidden rows of the target positions, their labels).
+  transient    the largest short-lived peak: the float32 logits of one loss chunk [chunk, V], held with
+               their exp and their gradient, plus a bf16 logits copy under bf16 (and a bf16 copy of a
+               float32 lm_head weight); under checkpointing, also one decoder block's recompute.
+
+The first three are exact counts. Activations are COUNTED, not guessed, the way minisft.bench counts
+them: autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks, each storage once, parameters
+left out) while a real forward pass and chunked loss run. The real config runs on the CPU, with random
+weights, but with only 1 and then 2 decoder layers: the difference is the cost of one layer, the rest
+is the fixed cost (embedding, final norm). Long sequences are counted at two shorter lengths and fitted
+as a + b*T (a: bf16 copies of weights that autocast keeps, independent of T; b: per token), which is
+exact when nothing grows faster than T: true here, as SDPA's fused attention keeps O(T) per head, and
+every position is made a target (the most the loss can keep). The parts are simply added: an upper
+bound, as gradients fill up while activations are freed. Allocator slack and CUDA's own context (a few
+hundred MB) are not counted.
+
+Sizes are printed in GB = 10^9 bytes.
+
+Shapes: B batch, T sequence length, D hidden size, V vocab size, N = B*(T-1) target tokens.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from minisft.loss import chunked_cross_entropy
+from minisft.model import ModelConfig, SmolLM
+from minisft.weights import resolve_model_dir
+
+GB = 1e9
+COUNT_LENGTH = 128  # longer sequences are counted at this length and half of it, then extrapolated
+LOSS_COUNT_LENGTH = 16  # the same for the loss part
+LOSS_CHUNK = 1024  # chunked_cross_entropy's default chunk_size
+PARTS = ("weights", "gradients", "optimizer", "activations", "loss", "transient")
+
+
+def read_config(model):
+    """A model folder, a Hub id or a config.json file -> ModelConfig (one-line errors)."""
+    if os.path.isfile(model) and model.endswith(".json"):
+        path = model
+    else:
+        path = os.path.join(resolve_model_dir(model), "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no config.json in this model folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    return ModelConfig.from_hf(cfg, source=path)
+
+
+def build(cfg, lora_r=0, lora_targets="all-linear", bf16=True, device="cpu"):
+    """The model as it is trained: all float32, or (LoRA) a frozen base + float32 adapters.
+
+    Built on "meta" (shapes only) and, unless device is "meta", given random weights once: uniform,
+    which is quicker to draw than the normal init, and values do not change what autograd saves.
+    """
+    with torch.device("meta"):
+        model = SmolLM(cfg)
+    if device != "meta":
+        model.to_empty(device=device)
+        if cfg.tie_word_embeddings:  # to_empty gave the two uses of the tied matrix two tensors
+            model.lm_head.weight = model.model.embed_tokens.weight
+        for p in model.parameters():
+            torch.nn.init.uniform_(p, -0.05, 0.05)
+    if lora_r:
+        from minisft.lora import add_lora  # freezes the base; the adapters are float32
+        if bf16:
+            model.to(torch.bfloat16)  # a frozen base needs no float32 master copy
+        add_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=lora_targets)
+    return model.train()
+
+
+def state_bytes(model):
+    """-> weights, gradients and AdamW state in bytes, from the parameters' real shapes and dtypes."""
+    params = list(model.parameters())  # a tied matrix once
+    trainable = [p for p in params if p.requires_grad]
+    return {"weights": sum(p.numel() * p.element_size() for p in params),
+            "gradients": sum(p.numel() * p.element_size() for p in trainable),
+            # exp_avg and exp_avg_sq, shaped like the parameter, and a float32 step counter each.
+            "optimizer": sum(2 * p.numel() * p.element_size() + 4 for p in trainable),
+            "n_params": sum(p.numel() for p in params),
+            "n_trainable": sum(p.numel() for p in trainable)}
+
+
+def saved_bytes(model, batch, length, bf16, with_loss=True, seed=0):
+    """One forward (+ chunked loss) on random tokens -> (model part, loss part) in bytes saved for backward.
+
+    Every position is a target (labels = input_ids). Counted as minisft.bench does: unique storages
+    packed by saved_tensors_hooks, the model's parameters left out (they exist anyway).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        hidden = model.hidden_states(ids)
+        model_part = sum(seen.values())
+        loss = chunked_cross_entropy(hidden, model.lm_head.weight, ids)[0] if with_loss else None
+    del loss, hidden  # frees the graph without a backward pass
+    return model_part, sum(seen.values()) - model_part
+
+
+def fit_length(count, length, at):
+    """count(T) -> tuple of bytes; its value at `length`, counted there when length <= at, else counted
+    at at/2 and at, and extrapolated as a + b*T."""
+    if length <= at:
+        return count(length)
+    t1, t2 = at // 2, at
+    c1, c2 = count(t1), count(t2)
+    return tuple(y1 + (y2 - y1) * (length - t1) / (t2 - t1) for y1, y2 in zip(c1, c2))
+
+
+@contextlib.contextmanager
+def first_layers(model, n):
+    """Run `model` with only its first n decoder blocks (the 1-layer count reuses the 2-layer model)."""
+    layers = model.model.layers
+    model.model.layers = layers[:n]
+    try:
+        yield model
+    finally:
+        model.model.layers = layers
+
+
+def activation_bytes(cfg, batch, length, bf16, lora_r=0, lora_targets="all-linear", checkpointing=False):
+    """Count on 1 and 2 real layers of cfg, scale to all its layers
+    -> dict of bytes: activations (all layers), loss, block (one block's recompute), per_layer."""
+    torch.manual_seed(0)  # random weights: the counts depend on shapes only, but runs stay repeatable
+    n = min(2, cfg.num_hidden_layers)
+    model = build(dataclasses.replace(cfg, num_hidden_layers=n, use_rope=cfg.use_rope[:n]), lora_r, lora_targets, bf16)
+
+    def count(n_layers, ckpt, with_loss, at):
+        model.grad_checkpointing = ckpt
+        with first_layers(model, n_layers):
+            return fit_length(lambda t: saved_bytes(model, batch, t, bf16, with_loss), length, at)
+
+    def model_part(ckpt):  # -> (1-layer model part, cost of one more layer)
+        one, two = count(1, ckpt, False, COUNT_LENGTH)[0], count(n, ckpt, False, COUNT_LENGTH)[0]
+        return one, two - one if n == 2 else one  # a 1-layer model: its only layer stands for one layer
+
+    one, layer = model_part(checkpointing)
+    # The loss keeps O(N) and computes [chunk, V] logits: counted on a short sequence, it is quick.
+    loss = count(1, checkpointing, True, LOSS_COUNT_LENGTH)[1]
+    # Under checkpointing each block runs again in backward and keeps, for a moment, what it keeps without.
+    block = model_part(False)[1] if checkpointing else 0
+    return {"activations": one + (cfg.num_hidden_layers - 1) * layer, "loss": loss, "block": block,
+            "per_layer": layer}
+
+
+def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype):
+    """The loss's largest moment: one chunk's [chunk, V] float32 logits, their exp and their gradient
+    (+ the bf16 logits under bf16, + a bf16 copy of a float32 lm_head weight that autocast makes)."""
+    chunk = min(LOSS_CHUNK, batch * (length - 1))
+    per_logit = 4 + 4 + 4 + (2 if bf16 else 0)
+    weight_copy = 2 * cfg.vocab_size * cfg.hidden_size if bf16 and weight_dtype == torch.float32 else 0
+    return chunk * cfg.vocab_size * per_logit + weight_copy
+
+
+def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear", grad_checkpointing=False,
+             dtype="bfloat16"):
+    """-> dict: each part of PARTS in bytes, total, counts and settings. `model`: folder, Hub id or config.json."""
+    for flag, value, least in (("batch-size", batch_size, 1), ("max-length", max_length, 2), ("lora-r", lora_r, 0)):
+        if value < least:
+            raise ValueError(f"--{flag} {value}: expected an integer >= {least}")
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
+    cfg = read_config(model)
+    length = min(max_length, cfg.max_position_embeddings)  # train.py cuts --max-length the same way
+    bf16 = dtype == "bfloat16"
+    full = build(cfg, lora_r, lora_targets, bf16, device="meta")  # shapes only, no memory
+    parts = state_bytes(full)
+    acts = activation_bytes(cfg, batch_size, length, bf16, lora_r, lora_targets, grad_checkpointing)
+    parts["activations"], parts["loss"] = acts["activations"], acts["loss"]
+    parts["transient"] = max(loss_transient_bytes(cfg, batch_size, length, bf16, full.lm_head.weight.dtype),
+                             acts["block"])
+    total = sum(parts[p] for p in PARTS)
+    counted = (f"at length {length}" if length <= COUNT_LENGTH else f"at lengths {COUNT_LENGTH // 2} and "
+               f"{COUNT_LENGTH} (the loss at {LOSS_COUNT_LENGTH // 2} and {LOSS_COUNT_LENGTH}), fitted as a + b*T "
+               f"to {length}")
+    note = (f"activations counted with autograd's saved-tensor hooks on 1 and 2 real layers {counted}, "
+            f"scaled to {cfg.num_hidden_layers} layers; weights, gradients and optimizer are exact counts; "
+            f"counted on the CPU, not measured on a GPU")
+    return dict(parts, total=total, layers=cfg.num_hidden_layers, batch_size=batch_size, max_length=length,
+                lora_r=lora_r, lora_targets=lora_targets if lora_r else None, grad_checkpointing=grad_checkpointing,
+                dtype=dtype, note=note)
+
+
+def format_report(est):
+    what = f"LoRA r {est['lora_r']} ({est['lora_targets']})" if est["lora_r"] else "full fine-tuning"
+    lines = [f"{what}, batch {est['batch_size']} x {est['max_length']} tokens, {est['dtype']}"
+             f"{', activation checkpointing' if est['grad_checkpointing'] else ''}",
+             f"parameters {est['n_params']:,}, trainable {est['n_trainable']:,}"]
+    for part in PARTS:
+        lines.append(f"  {part:<12} {est[part] / GB:8.2f} GB")
+    lines += [f"  {'total':<12} {est['total'] / GB:8.2f} GB", f"note: {est['note']}"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m minisft.memory", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="model folder, Hub id or config.json")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-targets", default="all-linear")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (autocast, as on a GPU) | float32")
+    p.add_argument("--json", action="store_true", help="end with one JSON line (sizes in GB)")
+    args = p.parse_args(argv)
+    try:
+        est = estimate(args.model, args.batch_size, args.max_length, args.lora_r, args.lora_targets,
+                       args.grad_checkpointing, args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(format_report(est))
+    if args.json:
+        out = {f"{k}_gb": round(est[k] / GB, 4) for k in (*PARTS, "total")}
+        out.update({k: est[k] for k in ("n_params", "n_trainable", "layers", "batch_size", "max_length", "lora_r",
+                                        "lora_targets", "grad_checkpointing", "dtype")})
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
