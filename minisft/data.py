@@ -24,6 +24,7 @@ Two rules matter more than the rest:
 Labels are unshifted everywhere: labels[t] is the token the model should predict at position t-1.
 The shift happens inside the loss, so labels[0] can never be a target.
 """
+import bisect
 import datetime
 import json
 import os
@@ -352,6 +353,79 @@ def _first_fit(order, lengths, capacity):
         while k > 1:
             k //= 2
             free[k] = max(free[2 * k], free[2 * k + 1])
+    return rows
+
+
+def token_budget(lengths, batch_size, max_tokens=None):
+    """Tokens one packed micro-batch may hold: max_tokens when given, else batch_size * mean length.
+
+    Why tokens and not rows: a padded micro-batch of batch_size examples holds batch_size * (mean
+    length) real tokens; a packed row of max_length holds several conversations, so batch_size
+    PACKED rows would be several times more data per step than the recipe was tuned for. A budget
+    of batch_size * mean length keeps about batch_size conversations per micro-batch, packed or not:
+    the same learning rate and number of steps still fit, and the time no longer goes on padding.
+    """
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} (expected >= 1)")
+        return max_tokens
+    if batch_size < 1:
+        raise ValueError(f"micro batch_size={batch_size} (expected >= 1)")
+    return batch_size * max(1, -(-sum(lengths) // max(len(lengths), 1)))  # ceil of the mean
+
+
+def pack_to_budget(examples, max_tokens, max_length):
+    """Pack examples into micro-batches of at most max_tokens real tokens (done once, before batching).
+
+    Each micro-batch is a list of packed rows (the format of pack_examples) of at most
+    min(max_length, max_tokens) tokens: short rows keep attention cheap (its cost grows with the
+    square of the row length) and every row holds whole conversations. Rows are filled by best-fit
+    decreasing -- longest example first, into the FULLEST row it still fits -- which leaves fewer,
+    fuller rows than first-fit; then max_tokens // row length rows make one micro-batch, so no
+    micro-batch exceeds the budget. Ties are broken by index: the result is deterministic.
+
+    Returns a list of micro-batches; each is a list of rows {"input_ids", "labels", "position_ids", "seq_ids"}.
+    """
+    capacity = min(max_length, max_tokens)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            what = f"max_length={max_length}" if capacity == max_length else f"the token budget {max_tokens}"
+            raise ValueError(f"example {i} has {n} tokens, more than {what} "
+                             f"(expected a budget >= the longest example, or build_examples(..., max_length=...) first)")
+    order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+    rows = []
+    for row, i in zip(_best_fit(order, lengths, capacity), order):
+        if row == len(rows):
+            rows.append({"input_ids": [], "labels": [], "position_ids": [], "seq_ids": []})
+        _append(rows[row], examples[i])
+    per_batch = max(1, max_tokens // capacity)
+    return [rows[s:s + per_batch] for s in range(0, len(rows), per_batch)]
+
+
+def _append(row, ex):
+    """Add one conversation to a packed row: positions restart, a new sequence id, first label -100."""
+    n = len(ex["input_ids"])
+    row["input_ids"] += ex["input_ids"]
+    row["labels"] += [IGNORE] + list(ex["labels"][1:])
+    row["position_ids"] += list(range(n))
+    row["seq_ids"] += [(row["seq_ids"][-1] if row["seq_ids"] else 0) + 1] * n
+
+
+def _best_fit(order, lengths, capacity):
+    """Row index for each item of `order`: the row with the LEAST room that still fits it (a new row
+    when none does). `free` is kept sorted as (room left, row) pairs, so the best row is one
+    bisect away."""
+    free, rows, opened = [], [], 0
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            row, room, opened = opened, capacity, opened + 1
+        else:
+            room, row = free.pop(k)
+        rows.append(row)
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], row))
     return rows
 
 
