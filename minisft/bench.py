@@ -83,12 +83,13 @@ def make_dataset(path, kind, n, seed=0):
 
 
 # ---- running one job in its own process -----------------------------------------------------
-def run_process(cmd, log_path):
+def run_process(cmd, log_path, threads=None):
     """-> (exit code, wall seconds, peak RSS MB of that process). os.wait4 returns the rusage of
     exactly this child (RUSAGE_CHILDREN would be the maximum over every child so far)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
@@ -200,7 +201,7 @@ def end_to_end(args):
                         continue
                     out = os.path.join(work, f"{job.replace('/', '_')}_{trainer}_{r}")
                     shutil.rmtree(out, ignore_errors=True)
-                    rc, wall, rss = run_process(cmd + ["--out", out], out + ".log")
+                    rc, wall, rss = run_process(cmd + ["--out", out], out + ".log", args.threads)
                     if rc != 0:
                         with open(out + ".log") as f:
                             tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
@@ -312,6 +313,8 @@ def main(argv=None):
     p.add_argument("--no-trl", dest="trl", action="store_false", help="e2e: minisft rows only")
     p.add_argument("--decode-tokens", type=int, default=64, help="e2e: new tokens in the decoding race")
     p.add_argument("--work", default=None, help="e2e: keep datasets, run folders and logs here (default: a temp dir)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (OMP_NUM_THREADS); on a shared machine 1 gives steadier numbers")
     p.add_argument("--json", action="store_true", help="e2e: end with one JSON line of the headline numbers")
     p.add_argument("--batch", type=int, default=4, help="micro: batch size")
     p.add_argument("--seq", type=int, default=256, help="micro: sequence length")
@@ -329,6 +332,10 @@ def main(argv=None):
         if unknown := [r for r in args.rows if r not in JOBS]:
             raise ValueError(f"--rows {unknown[0]}: unknown row (expected some of {', '.join(JOBS)})")
         check_device(args.device)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)  # this process: the matmul peak and the decoding race
         if args.mode == "micro":
             results, note = benchmark(args.model, args.batch, args.seq, args.repeats, args.device)
             print(f"model {args.model}  batch {args.batch} x seq {args.seq}  device {args.device}  "

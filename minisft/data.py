@@ -377,30 +377,39 @@ def token_budget(lengths, batch_size, max_tokens=None):
 def pack_to_budget(examples, max_tokens, max_length):
     """Pack examples into micro-batches of at most max_tokens real tokens (done once, before batching).
 
-    Each micro-batch is a list of packed rows (the format of pack_examples) of at most
-    min(max_length, max_tokens) tokens: short rows keep attention cheap (its cost grows with the
-    square of the row length) and every row holds whole conversations. Rows are filled by best-fit
-    decreasing -- longest example first, into the FULLEST row it still fits -- which leaves fewer,
-    fuller rows than first-fit; then max_tokens // row length rows make one micro-batch, so no
-    micro-batch exceeds the budget. Ties are broken by index: the result is deterministic.
+    Two levels, both from the longest example down (ties by index: the result is deterministic):
+    1. micro-batches: best-fit decreasing -- each example goes into the FULLEST micro-batch that
+       still has room for it -- fills nearly every micro-batch to the budget;
+    2. rows: inside one micro-batch, first-fit decreasing into rows of at most max_length tokens.
+       Rows stay short because attention costs grow with the square of the row length; the
+       micro-batch's [rows, longest row] tensor is then almost all real tokens.
+    Every example lands in exactly one row of one micro-batch; no micro-batch holds more than
+    max_tokens tokens and no row more than max_length.
 
-    Returns a list of micro-batches; each is a list of rows {"input_ids", "labels", "position_ids", "seq_ids"}.
+    Returns a list of micro-batches; each is a list of packed rows in the format of pack_examples
+    ({"input_ids", "labels", "position_ids", "seq_ids"}), ready for collate.
     """
-    capacity = min(max_length, max_tokens)
     lengths = [len(ex["input_ids"]) for ex in examples]
     for i, n in enumerate(lengths):
-        if n > capacity:
-            what = f"max_length={max_length}" if capacity == max_length else f"the token budget {max_tokens}"
+        if n > min(max_length, max_tokens):
+            what = f"max_length={max_length}" if max_length <= max_tokens else f"the token budget max_tokens={max_tokens}"
             raise ValueError(f"example {i} has {n} tokens, more than {what} "
-                             f"(expected a budget >= the longest example, or build_examples(..., max_length=...) first)")
+                             f"(expected a budget >= the longest example, and build_examples(..., max_length=...) first)")
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
-    rows = []
-    for row, i in zip(_best_fit(order, lengths, capacity), order):
-        if row == len(rows):
-            rows.append({"input_ids": [], "labels": [], "position_ids": [], "seq_ids": []})
-        _append(rows[row], examples[i])
-    per_batch = max(1, max_tokens // capacity)
-    return [rows[s:s + per_batch] for s in range(0, len(rows), per_batch)]
+    bins = []
+    for b, i in zip(_best_fit(order, lengths, max_tokens), order):
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)  # each bin keeps the longest-first order
+    batches = []
+    for members in bins:
+        rows = []
+        for r, i in zip(_first_fit(members, lengths, max_length), members):
+            if r == len(rows):
+                rows.append({"input_ids": [], "labels": [], "position_ids": [], "seq_ids": []})
+            _append(rows[r], examples[i])
+        batches.append(rows)
+    return batches
 
 
 def _append(row, ex):
