@@ -8,6 +8,7 @@ Lesson 2 walks through this file; `train.py` uses it. The way through:
     build_examples       conversation -> {"input_ids", "labels"} via chat_template.tokenize_conversation;
                          examples with nothing left to train on are dropped and counted
     pack_examples        (optional) several conversations in one row, attention kept apart
+    pack_to_budget       (optional) the same, grouped into micro-batches of a token budget (token_budget)
     global_batches       one epoch's sample order, cut into the batches of each optimizer step
     micro_batches        a global batch split into the pieces that fit in memory
     collate              a list of examples -> padded tensors [B, T]

@@ -1,4 +1,5 @@
-"""minisft.bench: the table has every row with positive numbers, and the chunked loss keeps less for backward."""
+"""minisft.bench: the end-to-end race prints every row asked for and its JSON keys (TRL rows when trl is
+installed); the micro mode's table has every row with positive numbers, and the chunked loss keeps less for backward."""
 import json
 import re
 import sys
