@@ -1,6 +1,6 @@
 """How fast is a real SFT run? minisft's trainer against TRL's SFTTrainer, end to end.
 
-    python -m minisft.bench [--model data/base-model] [--steps 30] [--repeats 3] [--device cpu] [--json]
+    python -m minisft.bench [--model data/base-model] [--steps 30] [--repeats 3] [--device cpu] [--threads 1] [--json]
     python -m minisft.bench --mode micro [--batch 4] [--seq 256]     # one step, model against model
 
 Read it after lesson 6. Each trainer runs the same job through its command line, in its own process:
@@ -24,7 +24,8 @@ Rows (the two datasets are built by the bench, deterministically):
   equal/skewed   1-2 turns, answers of 20-900 words; padding, no checkpointing on both sides
   grouped/skewed minisft --group-by-length: batches of similar lengths
   best/skewed    each at its best documented setting: minisft --packing; TRL packing "bfd" with
-                 its default gradient checkpointing
+                 its default gradient checkpointing (both then put more tokens in a step than the
+                 padded rows do: compare tokens/s, not step ms)
   lesson6        the embedded default model on data/sft_train.jsonl with lesson 6's knobs
                  (evaluation, samples and plots included in wall s, not in tokens/s)
 Then decoding: minisft.generate (KV cache, greedy) against transformers' generate on the same
