@@ -1,241 +1,269 @@
-"""How fast is minisft, and what does the chunked loss save? A side-by-side benchmark.
+"""How fast is a real SFT run? minisft's trainer against TRL's SFTTrainer, end to end.
 
-    python -m minisft.bench [--model M] [--batch 4] [--seq 256] [--repeats 5] [--device cpu]
+    python -m minisft.bench [--model data/base-model] [--steps 30] [--repeats 3] [--device cpu] [--threads 1] [--json]
+    python -m minisft.bench --mode micro [--batch 4] [--seq 256]     # one step, model against model
 
-Read it after lesson 4 (the loss): it measures what the chunked loss saves. Three steps are timed on the
-same random batch (fixed seed, about 30% of the labels are targets, the rest -100):
+Read it after lesson 6. Each trainer runs the same job through its command line, in its own process:
+data file -> chat template -> batches -> optimizer steps (minisft: `python -m minisft.train`;
+TRL: `python -m minisft.bench_trl`, skipped with a note when trl is not installed). Same model
+folder in float32, same conversations, same batch, accumulation and max length, AdamW at 5e-5 with
+a cosine decay. Runs alternate (minisft, trl, minisft, trl, ...) so a machine that slows down
+hurts both; each number is the median over --repeats runs.
 
-  forward (no grad)        logits for the whole batch, no autograd graph;
-  train step, full logits  model(input_ids) -> [B, T, V] logits -> masked_cross_entropy -> backward;
-  train step, chunked      model.hidden_states -> chunked_cross_entropy with lm_head.weight -> backward.
+Columns:
+  tokens/s   non-padding tokens per second over the steps after the first two (warm-up, allocator)
+  step ms    median optimizer-step time over the same steps
+  peak MB    CPU: the process's peak resident memory (os.wait4's rusage: the whole process, Python
+             included); CUDA: torch.cuda.max_memory_allocated
+  MFU        6 * parameters * tokens/s over the peak this machine reaches on a matmul shaped like the
+             model's (timed here, same device and dtype): how much of the hardware the job uses
+  wall s     the whole process: imports, tokenizing, the steps, the final save
 
-Each runs once to warm up, then --repeats times; the table shows the MEDIAN time (robust to one
-slow run) and tokens/s = B*T / median seconds. When transformers is installed, the same folder is
-also loaded with AutoModelForCausalLM in float32 and put through the same steps with the SAME loss
-functions (its `.model(...)` body gives the hidden states), so the comparison is between the two
-model implementations, not between two losses. The ratio columns are minisft / transformers:
-below 1 means minisft is faster (or keeps less).
+Rows (the two datasets are built by the bench, deterministically):
+  equal/shape    one conversation shape: 30-word question, 300-word answer (padding costs nothing)
+  equal/skewed   1-2 turns, answers of 20-900 words; padding, no checkpointing on both sides
+  grouped/skewed minisft --group-by-length: batches of similar lengths
+  best/skewed    each at its best documented setting: minisft --packing; TRL packing "bfd" with
+                 its default gradient checkpointing (both then put more tokens in a step than the
+                 padded rows do: compare tokens/s, not step ms)
+  lesson6        the embedded default model on data/sft_train.jsonl with lesson 6's knobs
+                 (evaluation, samples and plots included in wall s, not in tokens/s)
+Then decoding: minisft.generate (KV cache, greedy) against transformers' generate on the same
+model and prompt, new tokens per second.
 
-Memory column:
-  CUDA: torch.cuda.max_memory_allocated during one step minus what was allocated before it ("step peak MB"):
-        activations, gradients and temporaries, but not the weights (both models stay on the GPU,
-        so a plain peak would count the other implementation's weights too).
-  CPU (and MPS): there is no allocator peak to read, so we count what autograd SAVES FOR BACKWARD during the
-        forward pass ("saved for backward MB"): every tensor packed by
-        torch.autograd.graph.saved_tensors_hooks, counted once per storage, parameters left out
-        (they exist anyway). This is the activation memory a train step adds on top of the model,
-        and it is deterministic. The no-grad forward saves nothing, so it reads 0.
-  The chunked row should keep less than the full-logits row: the full path keeps the float32
-  exp(logits) of every target position ([N, V]) alive until backward; the chunked path
-  recomputes each chunk's logits during backward instead (activation checkpointing).
+--json prints one JSON object as the last line (null where a row did not run): minisft_tokens_per_sec
+and trl_tokens_per_sec are the equal/skewed row, mfu is minisft's there; the *_useful_tokens_per_sec
+are minisft's padded (equal/skewed), grouped and packed (best/skewed) rows.
 """
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
+from minisft.bench_micro import (ROWS, benchmark, check_device, format_table, make_batch,  # noqa: F401
+                                 minisft_fns, saved_for_backward_bytes, step_fns)
+from minisft.bench_tools import decode_speed, gemm_peak_flops, make_dataset
 from minisft.default_model import DEFAULT_MODEL
-from minisft.loss import IGNORE_INDEX, chunked_cross_entropy, masked_cross_entropy
-from minisft.weights import load_pretrained, resolve_model_dir
+from minisft.evaluate import SFT_RECIPE, TRAIN_DATA, VAL_DATA
 
-ROWS = ["forward (no grad)",
-        "train step: forward+backward, full logits + masked_cross_entropy",
-        "train step: chunked_cross_entropy from hidden states"]
-TARGET_FRACTION = 0.3
-
-
-def make_batch(vocab_size, batch, seq, seed=0):
-    """Random input_ids [B, T] and labels [B, T] (unshifted; ~30% targets, the rest -100)."""
-    gen = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (batch, seq), generator=gen)
-    is_target = torch.rand(batch, seq, generator=gen) < TARGET_FRACTION
-    labels = torch.where(is_target, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    return input_ids, labels
+JOBS = ("equal/shape", "equal/skewed", "grouped/skewed", "best/skewed", "lesson6")
+JSON_KEYS = ("minisft_tokens_per_sec", "trl_tokens_per_sec", "minisft_peak_mb", "trl_peak_mb", "mfu",
+             "padded_useful_tokens_per_sec", "grouped_useful_tokens_per_sec", "packed_useful_tokens_per_sec",
+             "decode_tokens_per_sec", "transformers_decode_tokens_per_sec", "device")
 
 
-# ---- the two implementations behind one small interface: logits(ids), hidden(ids), lm_head weight ----
-def minisft_fns(model):
-    return model, model.hidden_states, model.lm_head.weight
+
+# ---- running one job in its own process -----------------------------------------------------
+def run_process(cmd, log_path, threads=None):
+    """-> (exit code, wall seconds, peak RSS MB of that process). os.wait4 returns the rusage of
+    exactly this child (RUSAGE_CHILDREN would be the maximum over every child so far)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)  # bytes on macOS, KiB on Linux
+    return proc.returncode, time.perf_counter() - t0, rss
 
 
-def transformers_fns(model):
-    # use_cache=False: transformers would otherwise fill a KV cache on every call, work that
-    # minisft's forward does not do.
-    return (lambda ids: model(input_ids=ids, use_cache=False).logits,
-            lambda ids: model.model(input_ids=ids, use_cache=False).last_hidden_state,
-            model.lm_head.weight)
+def read_steps(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def step_fns(fns, input_ids, labels):
-    """-> {row name: function() -> loss tensor (None for the no-grad forward)}."""
-    logits_fn, hidden_fn, weight = fns
-
-    def forward():
-        with torch.no_grad():
-            logits_fn(input_ids)
-
-    def full():
-        loss_sum, n = masked_cross_entropy(logits_fn(input_ids), labels)
-        return loss_sum / n
-
-    def chunked():
-        loss_sum, n = chunked_cross_entropy(hidden_fn(input_ids), weight, labels)
-        return loss_sum / n
-
-    return dict(zip(ROWS, (forward, full, chunked)))
+def summarize(steps):
+    """Steps -> (tokens/s, median step seconds, peak MB reported by the trainer), skipping the first two."""
+    timed = steps[2:] or steps[1:] or steps  # short test runs: whatever is left
+    seconds = sum(s["step_time_s"] for s in timed)
+    peaks = [s["peak_mem_mb"] for s in timed if s.get("peak_mem_mb") is not None]
+    return (sum(s["input_tokens"] for s in timed) / seconds,
+            statistics.median(s["step_time_s"] for s in timed), max(peaks) if peaks else None)
 
 
-def saved_for_backward_bytes(fn, params):
-    """Bytes autograd keeps for backward while fn() builds its graph (each storage once, parameters excluded)."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
-    del loss  # frees the graph without running backward
-    return sum(seen.values())
-
-
-def run_step(fn, model):
-    model.zero_grad(set_to_none=True)  # gradients of the previous step do not count as this step's memory
-    loss = fn()
-    if loss is not None:
-        loss.backward()
-
-
-def synchronize(device):
-    """GPU kernels run asynchronously: wait for them before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+def job_commands(job, args, work, model, max_length):
+    """-> (dataset path, minisft argv, trl argv or None) of one row."""
+    py = [sys.executable, "-m"]
+    n = max(8, args.steps * args.batch_size * args.grad_accum)
+    common = ["--max-steps", str(args.steps), "--device", args.device]
+    knobs = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=max_length, lr=5e-5)
+    if job == "lesson6":
+        model, data, knobs = DEFAULT_MODEL, TRAIN_DATA, dict(SFT_RECIPE)
+        knobs.pop("max_steps")
+        mine = ["--val-data", VAL_DATA] + [f"--{k.replace('_', '-')}={v}" for k, v in knobs.items()]
+    else:
+        kind = job.split("/")[1]
+        data = os.path.join(work, f"{kind}.jsonl")
+        if not os.path.exists(data):
+            make_dataset(data, kind, n)
+        mine = [f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
+                f"--max-length={max_length}", "--lr=5e-5", "--min-lr=0", "--warmup-steps=0", "--weight-decay=0",
+                "--eval-every=0", "--sample-every=0", "--save-every=0", "--plot-every=0", f"--log-every={args.steps}"]
+        mine += {"grouped/skewed": ["--group-by-length"], "best/skewed": ["--packing"]}.get(job, [])
+    mine = py + ["minisft.train", "--model", model, "--data", data, "--overwrite", "--dtype", "float32"] + common + mine
+    trl = None
+    if args.trl and job != "grouped/skewed":
+        trl = py + ["minisft.bench_trl", "--model", model, "--data", data] + common + [
+            f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
+            f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"]
+        if job == "best/skewed":
+            trl += ["--packing", "--gradient-checkpointing"]
+    return mine, trl
 
 
-def measure(fn, model, repeats, device):
-    """-> (median seconds, memory bytes): 1 warm-up, then `repeats` timed runs."""
-    cuda = device.type == "cuda"
-    run_step(fn, model)
-    times, peaks = [], []
-    for _ in range(repeats):
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        if cuda:
-            # Both models sit on the GPU: count only what this step adds on top of what is
-            # already allocated, or each row would include the other implementation's weights.
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        run_step(fn, model)
-        synchronize(device)
-        if cuda:
-            peaks.append(torch.cuda.max_memory_allocated(device) - base)
-        times.append(time.perf_counter() - t0)
-    memory = max(peaks) if cuda else saved_for_backward_bytes(fn, list(model.parameters()))
-    model.zero_grad(set_to_none=True)
-    return statistics.median(times), memory
-
-
-def load_transformers(folder, device):
-    """AutoModelForCausalLM in float32, or None (and the reason) when transformers is not importable."""
+def trl_available():
     try:
-        from transformers import AutoModelForCausalLM
+        import trl  # noqa: F401
+        import datasets  # noqa: F401
     except ImportError as e:
-        return None, f"transformers is not importable ({e}): minisft rows only"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
-    model.train()
-    return model, None
+        return f"trl is not importable ({e}): TRL rows skipped (pip install trl)"
+    return None
 
 
-def benchmark(model_path, batch, seq, repeats, device="cpu", seed=0):
-    """-> (results, note). results: list of dicts {row, impl, ms, tokens_per_s, mem_bytes} in table order."""
-    device = torch.device(device)
-    folder = resolve_model_dir(model_path)
-    ours, _ = load_pretrained(folder, dtype="float32", device=device)
-    ours.train()
-    input_ids, labels = make_batch(ours.config.vocab_size, batch, seq, seed)
-    input_ids, labels = input_ids.to(device), labels.to(device)
-    theirs, note = load_transformers(folder, device)
-    impls = [("minisft", ours, minisft_fns(ours))]
-    if theirs is not None:
-        impls.append(("transformers", theirs, transformers_fns(theirs)))
+def end_to_end(args):
+    """-> (rows, notes, meta). rows: dicts {job, trainer, tokens_per_s, step_ms, peak_mb, mfu, wall_s, runs}."""
+    from minisft.weights import load_pretrained, resolve_model_dir
 
-    results = []
-    for row in ROWS:
-        for name, model, fns in impls:
-            seconds, mem = measure(step_fns(fns, input_ids, labels)[row], model, repeats, device)
-            results.append({"row": row, "impl": name, "ms": seconds * 1e3,
-                            "tokens_per_s": batch * seq / seconds, "mem_bytes": mem})
-    return results, note
+    model_dir = resolve_model_dir(args.model)
+    model, _ = load_pretrained(model_dir, dtype="float32", device="cpu")
+    cfg, n_params = model.config, model.num_parameters()
+    max_length = min(args.max_length, cfg.max_position_embeddings)
+    gemm_tokens = min(4096, args.batch_size * max_length)
+    peak = gemm_peak_flops(cfg.hidden_size, cfg.intermediate_size, gemm_tokens, args.device)
+    l6_params = load_pretrained(DEFAULT_MODEL, dtype="float32", device="cpu")[0].num_parameters()
+    notes = [] if args.trl else ["TRL rows skipped (--no-trl)"]
+    if args.trl and (why := trl_available()):
+        args.trl = False
+        notes.append(why)
+    work = args.work or tempfile.mkdtemp(prefix="minisft-bench-")
+    os.makedirs(work, exist_ok=True)
+    jobs = [j for j in JOBS if j in args.rows]
+    results = {}  # (job, trainer) -> list of (tokens/s, step s, peak MB, wall s)
+    try:
+        for r in range(args.repeats):
+            for job in jobs:
+                mine, trl = job_commands(job, args, work, model_dir, max_length)
+                for trainer, cmd in (("minisft", mine), ("trl", trl)):
+                    if cmd is None:
+                        continue
+                    out = os.path.join(work, f"{job.replace('/', '_')}_{trainer}_{r}")
+                    shutil.rmtree(out, ignore_errors=True)
+                    rc, wall, rss = run_process(cmd + ["--out", out], out + ".log", args.threads)
+                    if rc != 0:
+                        with open(out + ".log") as f:
+                            tail = f.read().strip().splitlines()[-1:] or ["(no output)"]
+                        raise RuntimeError(f"{job} {trainer} exited with {rc}: {tail[0]} (log {out}.log)")
+                    steps = read_steps(os.path.join(out, "metrics.jsonl" if trainer == "minisft" else "steps.jsonl"))
+                    tok_s, step_s, gpu_peak = summarize(steps)
+                    results.setdefault((job, trainer), []).append(
+                        (tok_s, step_s, gpu_peak if args.device.startswith("cuda") else rss, wall))
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    peak = max(peak, gemm_peak_flops(cfg.hidden_size, cfg.intermediate_size, gemm_tokens, args.device))
+    rows = []
+    for (job, trainer), runs in results.items():
+        tok_s, step_s, peak_mb, wall = (statistics.median(x) for x in zip(*runs))
+        params = l6_params if job == "lesson6" else n_params
+        rows.append({"job": job, "trainer": trainer, "tokens_per_s": tok_s, "step_ms": step_s * 1e3,
+                     "peak_mb": peak_mb, "mfu": 6 * params * tok_s / peak, "wall_s": wall, "runs": len(runs)})
+    return rows, notes, {"gemm_gflops": peak / 1e9, "params": n_params}
 
 
-def format_table(results, device, note=None):
-    """Markdown table; the ratio columns sit on the minisft row of each step."""
-    mem_name = "step peak MB" if torch.device(device).type == "cuda" else "saved for backward MB"
-    lines = [f"| step | implementation | median ms | tokens/s | {mem_name} | ms ratio | mem ratio |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    by_key = {(r["row"], r["impl"]): r for r in results}
-    for r in results:
-        other = by_key.get((r["row"], "transformers"))
-        ms_ratio = mem_ratio = ""
-        if r["impl"] == "minisft" and other is not None:
-            ms_ratio = f"{r['ms'] / other['ms']:.2f}"
-            mem_ratio = f"{r['mem_bytes'] / other['mem_bytes']:.2f}" if other["mem_bytes"] else "-"
-        lines.append(f"| {r['row']} | {r['impl']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['mem_bytes'] / 2**20:.2f} | {ms_ratio} | {mem_ratio} |")
-    lines.append("ratios are minisft / transformers (below 1: minisft faster or keeps less)")
-    if note:
-        lines.append(f"note: {note}")
+def format_e2e(rows, notes, meta, decode, device):
+    lines = ["| row | trainer | tokens/s | step ms | peak MB | MFU | wall s | runs |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (JOBS.index(r["job"]), r["trainer"])):
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:,.0f}"
+        lines.append(f"| {r['job']} | {r['trainer']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:,.1f} | {peak} | "
+                     f"{100 * r['mfu']:.2f}% | {r['wall_s']:.1f} | {r['runs']} |")
+    lines.append(f"MFU peak: a model-shaped float32 matmul reaches {meta['gemm_gflops']:,.1f} GFLOP/s on {device}")
+    ours, theirs, same = decode
+    lines.append(f"decode (greedy, KV cache): minisft {ours:,.1f} tokens/s"
+                 + ("" if theirs is None else f", transformers {theirs:,.1f} tokens/s"
+                    f" ({'same tokens' if same else 'different tokens'})"))
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
-def check_device(name):
-    """ValueError unless `name` ("cpu", "cuda", "cuda:1", "mps") is a device this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device name (expected cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this torch has no CUDA device (try --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {name}: this torch has no MPS (Apple GPU) device (try --device cpu)")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name}: not supported (expected cpu, cuda, cuda:N or mps)")
+def summary_json(rows, decode, device):
+    by = {(r["job"], r["trainer"]): r for r in rows}
+
+    def get(job, trainer, key):
+        r = by.get((job, trainer))
+        return None if r is None else r[key]
+
+    return {"minisft_tokens_per_sec": get("equal/skewed", "minisft", "tokens_per_s"),
+            "trl_tokens_per_sec": get("equal/skewed", "trl", "tokens_per_s"),
+            "minisft_peak_mb": get("equal/skewed", "minisft", "peak_mb"),
+            "trl_peak_mb": get("equal/skewed", "trl", "peak_mb"),
+            "mfu": get("equal/skewed", "minisft", "mfu"),
+            "padded_useful_tokens_per_sec": get("equal/skewed", "minisft", "tokens_per_s"),
+            "grouped_useful_tokens_per_sec": get("grouped/skewed", "minisft", "tokens_per_s"),
+            "packed_useful_tokens_per_sec": get("best/skewed", "minisft", "tokens_per_s"),
+            "decode_tokens_per_sec": decode[0], "transformers_decode_tokens_per_sec": decode[1], "device": device}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minisft.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("e2e", "micro"), default="e2e", help="e2e: the whole job; micro: one step")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the embedded model)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; the median is shown")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--repeats", type=int, default=None, help="runs per row, the median is shown (e2e 3, micro 5)")
+    p.add_argument("--steps", type=int, default=30, help="e2e: optimizer steps per run")
+    p.add_argument("--batch-size", type=int, default=8, help="e2e: conversations per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="e2e: micro-batches per optimizer step")
+    p.add_argument("--max-length", type=int, default=1024, help="e2e: tokens per conversation")
+    p.add_argument("--rows", default=",".join(JOBS), help=f"e2e: comma-separated subset of {','.join(JOBS)}")
+    p.add_argument("--no-trl", dest="trl", action="store_false", help="e2e: minisft rows only")
+    p.add_argument("--decode-tokens", type=int, default=64, help="e2e: new tokens in the decoding race")
+    p.add_argument("--work", default=None, help="e2e: keep datasets, run folders and logs here (default: a temp dir)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (OMP_NUM_THREADS); on a shared machine 1 gives steadier numbers")
+    p.add_argument("--json", action="store_true", help="e2e: end with one JSON line of the headline numbers")
+    p.add_argument("--batch", type=int, default=4, help="micro: batch size")
+    p.add_argument("--seq", type=int, default=256, help="micro: sequence length")
     args = p.parse_args(argv)
     try:
-        for flag in ("batch", "seq", "repeats"):
+        args.repeats = args.repeats or (5 if args.mode == "micro" else 3)
+        names = ("batch", "seq", "repeats") if args.mode == "micro" else (
+            "repeats", "steps", "batch_size", "grad_accum", "max_length", "decode_tokens")
+        for flag in names:
             if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         if args.seq < 2:
             raise ValueError("--seq must be >= 2 (the loss needs a next token)")
+        args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        if unknown := [r for r in args.rows if r not in JOBS]:
+            raise ValueError(f"--rows {unknown[0]}: unknown row (expected some of {', '.join(JOBS)})")
         check_device(args.device)
-        results, note = benchmark(args.model, args.batch, args.seq, args.repeats, args.device)
-    except (ValueError, OSError) as e:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)  # this process: the matmul peak and the decoding race
+        if args.mode == "micro":
+            results, note = benchmark(args.model, args.batch, args.seq, args.repeats, args.device)
+            print(f"model {args.model}  batch {args.batch} x seq {args.seq}  device {args.device}  "
+                  f"median of {args.repeats} after 1 warm-up")
+            print(format_table(results, args.device, note))
+            return 0
+        print(f"model {args.model}  {args.steps} steps of {args.batch_size} x {args.grad_accum}  max length "
+              f"{args.max_length}  device {args.device}  median of {args.repeats} run(s) per row", flush=True)
+        rows, notes, meta = end_to_end(args)
+        decode = decode_speed(args.model, args.device, args.decode_tokens, args.repeats)
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"model {args.model}  batch {args.batch} x seq {args.seq}  device {args.device}  "
-          f"median of {args.repeats} after 1 warm-up")
-    print(format_table(results, args.device, note))
+    print(format_e2e(rows, notes, meta, decode, args.device))
+    if args.json:
+        print(json.dumps(summary_json(rows, decode, args.device)))
     return 0
 
 

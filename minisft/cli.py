@@ -39,10 +39,11 @@ HELP = {
     "base_dtype": "frozen base dtype with LoRA: auto | float32 | bfloat16",
     "data_subset": "subset of a Hub dataset or folder (e.g. SFT)", "data_split": "split to train on (default: train)",
     "val_split": "split of --val-data when it is a Hub dataset or folder",
+    "max_examples": "train on the first N conversations only",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.
-OPTIONAL_TYPES = {"data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
+OPTIONAL_TYPES = {"max_examples": int, "data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
                   "epochs": int, "device": str, "stop_after_step": int}
 
 

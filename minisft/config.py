@@ -26,6 +26,7 @@ class TrainConfig:
     data: str = ""  # training data: .jsonl / .json / .parquet, a folder of shards, or a Hub dataset id
     data_subset: str | None = None  # with a Hub id or folder: the subset (e.g. SFT for HuggingFaceTB/smoltalk2)
     data_split: str | None = None  # with a Hub id or folder: the split to train on (default: train)
+    max_examples: int | None = None  # train on the first N conversations only (a slice of a big dataset)
     val_data: str | None = None  # validation data (same kinds); None: split val_fraction off the training data
     val_split: str | None = None  # with a Hub id or folder as --val-data: its split
     val_fraction: float = 0.0  # used only without val_data; 0 = no validation
@@ -80,7 +81,7 @@ class TrainConfig:
 
 
 # Settings that decide what the weights become: a resumed run must use the same ones.
-TRAJECTORY_KEYS = ("model", "data", "data_subset", "data_split", "val_data", "val_split", "val_fraction", "template", "train_on", "max_length", "packing",
+TRAJECTORY_KEYS = ("model", "data", "data_subset", "data_split", "max_examples", "val_data", "val_split", "val_fraction", "template", "train_on", "max_length", "packing",
                    "group_by_length", "skip_bad", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
                    "warmup_ratio", "max_steps", "epochs", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
                    "dtype", "chunked_loss", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype")
@@ -115,6 +116,8 @@ def check_config(cfg):
         raise ValueError("--max-steps and --epochs both given: choose one")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise bad("max_steps", "an integer >= 1")
+    if cfg.max_examples is not None and cfg.max_examples < 1:
+        raise bad("max_examples", "an integer >= 1")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise bad("epochs", "an integer >= 1")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):

@@ -10,6 +10,7 @@ Lesson 2 walks through this file; `train.py` uses it. The way through:
                          examples with nothing left to train on are dropped and counted
     sample_prompt        the prompt a conversation gives for generating a sample answer
     pack_examples        (optional) several conversations in one row, attention kept apart
+    pack_to_budget       (optional) the same, grouped into micro-batches of a token budget (token_budget)
     global_batches       one epoch's sample order, cut into the batches of each optimizer step
     micro_batches        a global batch split into the pieces that fit in memory
     collate              a list of examples -> padded tensors [B, T]
@@ -55,6 +56,7 @@ Two rules matter more than the rest:
 Labels are unshifted everywhere: labels[t] is the token the model should predict at position t-1.
 The shift happens inside the loss, so labels[0] can never be a target.
 """
+import bisect
 import datetime
 import json
 import math
@@ -480,6 +482,88 @@ def _first_fit(order, lengths, capacity):
         while k > 1:
             k //= 2
             free[k] = max(free[2 * k], free[2 * k + 1])
+    return rows
+
+
+def token_budget(lengths, batch_size, max_tokens=None):
+    """Tokens one packed micro-batch may hold: max_tokens when given, else batch_size * mean length.
+
+    Why tokens and not rows: a padded micro-batch of batch_size examples holds batch_size * (mean
+    length) real tokens; a packed row of max_length holds several conversations, so batch_size
+    PACKED rows would be several times more data per step than the recipe was tuned for. A budget
+    of batch_size * mean length keeps about batch_size conversations per micro-batch, packed or not:
+    the same learning rate and number of steps still fit, and the time no longer goes on padding.
+    """
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} (expected >= 1)")
+        return max_tokens
+    if batch_size < 1:
+        raise ValueError(f"micro batch_size={batch_size} (expected >= 1)")
+    return batch_size * max(1, -(-sum(lengths) // max(len(lengths), 1)))  # ceil of the mean
+
+
+def pack_to_budget(examples, max_tokens, max_length):
+    """Pack examples into micro-batches of at most max_tokens real tokens (done once, before batching).
+
+    Two levels, both from the longest example down (ties by index: the result is deterministic):
+    1. micro-batches: best-fit decreasing -- each example goes into the FULLEST micro-batch that
+       still has room for it -- fills nearly every micro-batch to the budget;
+    2. rows: inside one micro-batch, first-fit decreasing into rows of at most max_length tokens.
+       Rows stay short because attention costs grow with the square of the row length; the
+       micro-batch's [rows, longest row] tensor is then almost all real tokens.
+    Every example lands in exactly one row of one micro-batch; no micro-batch holds more than
+    max_tokens tokens and no row more than max_length.
+
+    Returns a list of micro-batches; each is a list of packed rows in the format of pack_examples
+    ({"input_ids", "labels", "position_ids", "seq_ids"}), ready for collate.
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    for i, n in enumerate(lengths):
+        if n > min(max_length, max_tokens):
+            what = f"max_length={max_length}" if max_length <= max_tokens else f"the token budget max_tokens={max_tokens}"
+            raise ValueError(f"example {i} has {n} tokens, more than {what} "
+                             f"(expected a budget >= the longest example, and build_examples(..., max_length=...) first)")
+    order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+    bins = []
+    for b, i in zip(_best_fit(order, lengths, max_tokens), order):
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)  # each bin keeps the longest-first order
+    batches = []
+    for members in bins:
+        rows = []
+        for r, i in zip(_first_fit(members, lengths, max_length), members):
+            if r == len(rows):
+                rows.append({"input_ids": [], "labels": [], "position_ids": [], "seq_ids": []})
+            _append(rows[r], examples[i])
+        batches.append(rows)
+    return batches
+
+
+def _append(row, ex):
+    """Add one conversation to a packed row: positions restart, a new sequence id, first label -100."""
+    n = len(ex["input_ids"])
+    row["input_ids"] += ex["input_ids"]
+    row["labels"] += [IGNORE] + list(ex["labels"][1:])
+    row["position_ids"] += list(range(n))
+    row["seq_ids"] += [(row["seq_ids"][-1] if row["seq_ids"] else 0) + 1] * n
+
+
+def _best_fit(order, lengths, capacity):
+    """Row index for each item of `order`: the row with the LEAST room that still fits it (a new row
+    when none does). `free` is kept sorted as (room left, row) pairs, so the best row is one
+    bisect away."""
+    free, rows, opened = [], [], 0
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            row, room, opened = opened, capacity, opened + 1
+        else:
+            room, row = free.pop(k)
+        rows.append(row)
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], row))
     return rows
 
 

@@ -107,15 +107,25 @@ def _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop, genera
     padded = bool((mask == 0).any())
     # Each row's positions count its real tokens only: 0 at its first one, like the row alone.
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Room for every token this call can produce, allocated once: the ids, the mask and the cache
+    # are written in place column by column instead of being copied (torch.cat) at every step.
+    total = L + max_new_tokens
+    ids = torch.cat([ids, ids.new_zeros(B, max_new_tokens)], dim=1)
+    mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)
+    pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, max_new_tokens + 1, device=device)], dim=1)
 
-    cache = KVCache(model.config.num_hidden_layers) if use_cache else None
+    cache = KVCache(model.config.num_hidden_layers, capacity=total) if use_cache else None
     new = [[] for _ in range(B)]
     done = [False] * B
-    step_ids, step_pos = ids, pos
+    S = L  # tokens so far
+    step_ids, step_pos = ids[:, :S], pos[:, :S]
     for _ in range(max_new_tokens):
         # With a cache, only the tokens not seen yet go in; the mask always covers the whole sequence.
-        logits = model(step_ids, position_ids=step_pos, attention_mask=mask if padded else None, cache=cache)
-        nxt = _next_tokens(logits[:, -1, :], temperature, top_k, top_p, generator)  # [B]
+        h = model.hidden_states(step_ids, position_ids=step_pos, attention_mask=mask[:, :S] if padded else None,
+                                cache=cache)
+        # Only the last position picks a token: project it alone, not the [B, T, V] logits of the prompt.
+        logits = model.lm_head(h[:, -1, :])  # [B, V]
+        nxt = _next_tokens(logits, temperature, top_k, top_p, generator)  # [B]
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 new[i].append(t)
@@ -123,10 +133,9 @@ def _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop, genera
         if all(done):
             break
         # Finished rows keep being fed tokens (simpler than shrinking the batch); they are ignored.
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
-        step_ids, step_pos = (ids[:, -1:], pos[:, -1:]) if use_cache else (ids, pos)
+        ids[:, S] = nxt
+        S += 1
+        step_ids, step_pos = (ids[:, S - 1:S], pos[:, S - 1:S]) if use_cache else (ids[:, :S], pos[:, :S])
     return new
 
 

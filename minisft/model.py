@@ -185,12 +185,21 @@ def apply_rope(x, cos, sin):  # x [B, heads, T, hd]
 class KVCache:
     """Keys and values of every layer seen so far, so generation feeds only the new token.
 
-    k[i], v[i]: [B, KV, S, hd]. `mask` keeps the attention_mask of the whole sequence [B, S].
+    k[i], v[i]: [B, KV, S, hd] views of preallocated buffers [B, KV, capacity, hd]. `mask` keeps
+    the attention_mask of the whole sequence [B, S].
+
+    Why preallocate: appending with torch.cat copies the whole cache at every new token, so
+    decoding n tokens moves O(n^2) bytes and allocates a fresh tensor per layer per step. With
+    `capacity` (prompt + new tokens, known before decoding starts) each step writes one column
+    in place. Without it, the buffers grow by doubling: still amortised O(1) per token.
     """
 
-    def __init__(self, n_layers):
+    def __init__(self, n_layers, capacity=None):
         self.k = [None] * n_layers
         self.v = [None] * n_layers
+        self._kbuf = [None] * n_layers
+        self._vbuf = [None] * n_layers
+        self.capacity = capacity
         self.mask = None
 
     @property
@@ -198,11 +207,21 @@ class KVCache:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
     def update(self, layer, k, v):
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
+        """Append k, v [B, KV, T, hd] to this layer's cache -> the whole cache [B, KV, S, hd]."""
+        past = 0 if self.k[layer] is None else self.k[layer].shape[2]
+        S = past + k.shape[2]
+        buf = self._kbuf[layer]
+        if buf is None or buf.shape[2] < S:
+            size = max(S, self.capacity or 0, 2 * (buf.shape[2] if buf is not None else 0))
+            kb = k.new_empty(k.shape[0], k.shape[1], size, k.shape[3])
+            vb = v.new_empty(v.shape[0], v.shape[1], size, v.shape[3])
+            if past:
+                kb[:, :, :past], vb[:, :, :past] = self.k[layer], self.v[layer]
+            self._kbuf[layer], self._vbuf[layer] = kb, vb
+        self._kbuf[layer][:, :, past:S] = k
+        self._vbuf[layer][:, :, past:S] = v
+        self.k[layer], self.v[layer] = self._kbuf[layer][:, :, :S], self._vbuf[layer][:, :, :S]
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -265,6 +284,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def right_padded(attention_mask):
+    """attention_mask [B, S] -> True when every row is one sequence (ids 1) followed only by padding (0)."""
+    m = attention_mask
+    return bool(((m == 0) | (m == 1)).all() and (m[:, 1:] <= m[:, :-1]).all())
+
+
 def build_attn_mask(attention_mask, past, T, device):
     """attention_mask [B, S] -> bool [B, 1, T, S] (True = may attend), or None for plain causal.
 
@@ -272,8 +297,14 @@ def build_attn_mask(attention_mask, past, T, device):
     earlier-or-equal positions with the same id. A Hugging Face 1/0 padding mask is the case of
     one sequence per row; a packed row numbers its conversations 1, 2, 3, ... so attention never
     crosses them (a block-diagonal causal mask). Padding rows attend to padding, never to NaN.
+
+    No mask at all (None) for one sequence per row with right padding and no cache: under the plain
+    causal mask a real token only sees earlier positions, and the padding comes after every real
+    token, so the result at real positions is the same, and SDPA's is_causal path builds no
+    [B, 1, T, S] tensor (its forward is ~2x faster than with a mask on CPU). Padding positions then
+    see real tokens; their outputs carry no loss and are never read.
     """
-    if attention_mask is None:
+    if attention_mask is None or (past == 0 and right_padded(attention_mask)):
         return None
     S = attention_mask.shape[1]
     q_pos = torch.arange(past, past + T, device=device)

@@ -142,6 +142,8 @@ def load_data(cfg, model, tokenizer, template, log):
     """Conversations -> (train examples (packed rows with --packing), val examples, sample prompts, info)."""
     train_convs, stats = data.load_conversations(cfg.data, cfg.skip_bad, cfg.data_subset, cfg.data_split)
     sources = stats["sources"]
+    if cfg.max_examples:  # the slice comes first, the validation split (if any) is taken from it
+        train_convs, sources = train_convs[:cfg.max_examples], sources[:cfg.max_examples]
     val_convs = []
     if cfg.val_data:
         val_convs, _ = data.load_conversations(cfg.val_data, cfg.skip_bad, cfg.data_subset, cfg.val_split)

@@ -1,4 +1,6 @@
-"""minisft.bench: the table has every row with positive numbers, and the chunked loss keeps less for backward."""
+"""minisft.bench: the end-to-end race prints every row asked for and its JSON keys (TRL rows when trl is
+installed); the micro mode's table has every row with positive numbers, and the chunked loss keeps less for backward."""
+import json
 import re
 import sys
 
@@ -8,7 +10,7 @@ from minisft import bench
 from minisft.default_model import DEFAULT_MODEL
 from minisft.weights import load_pretrained
 
-ARGS = ["--batch", "2", "--seq", "32", "--repeats", "1"]
+ARGS = ["--mode", "micro", "--batch", "2", "--seq", "32", "--repeats", "1"]
 
 
 def table_rows(out):
@@ -86,3 +88,94 @@ def test_bad_arguments_are_one_line_errors(capsys):
         assert bench.main(ARGS + argv) == 2, argv  # the last value of a flag wins
         err = capsys.readouterr().err
         assert re.fullmatch(f"error: {message}.*\n", err), (argv, err)  # one line, nothing else
+
+
+# ---------------------------------------------------------------------------------------------
+# The end-to-end race (default mode): real trainer processes on a tiny model, 2 steps, 1 run each
+# ---------------------------------------------------------------------------------------------
+E2E = ["--steps", "2", "--repeats", "1", "--batch-size", "2", "--max-length", "96", "--decode-tokens", "4",
+       "--threads", "1", "--json"]
+
+
+def e2e_rows(out):
+    """Printed end-to-end table -> {(row, trainer): [tokens/s, step ms, MFU %]}."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in bench.JOBS:
+            rows[(cells[0], cells[1])] = [float(cells[2].replace(",", "")), float(cells[3].replace(",", "")),
+                                          float(cells[5].rstrip("%"))]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    """One bench run with TRL when it is installed: the equal-settings and best-settings rows."""
+    import contextlib
+    import io
+
+    work = tmp_path_factory.mktemp("bench")
+    argv = E2E + ["--rows", "equal/skewed,best/skewed", "--work", str(work)]
+    trl = bench.trl_available() is None
+    if not trl:
+        argv.append("--no-trl")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bench.main(argv)
+    return rc, buf.getvalue(), trl, work
+
+
+def test_e2e_table_and_json(e2e_run):
+    rc, out, trl, work = e2e_run
+    assert rc == 0, out
+    rows = e2e_rows(out)
+    trainers = ["minisft", "trl"] if trl else ["minisft"]
+    assert set(rows) == {(r, t) for r in ("equal/skewed", "best/skewed") for t in trainers}, out
+    for key, (tok_s, step_ms, mfu) in rows.items():
+        assert tok_s > 0 and step_ms > 0 and mfu > 0, key
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert list(summary) == list(bench.JSON_KEYS)
+    assert summary["device"] == "cpu"
+    for key in ("minisft_tokens_per_sec", "minisft_peak_mb", "mfu", "padded_useful_tokens_per_sec",
+                "packed_useful_tokens_per_sec", "decode_tokens_per_sec", "transformers_decode_tokens_per_sec"):
+        assert summary[key] > 0, key
+    assert summary["grouped_useful_tokens_per_sec"] is None  # that row was not asked for
+    assert (summary["trl_tokens_per_sec"] > 0) if trl else summary["trl_tokens_per_sec"] is None
+    assert abs(summary["minisft_tokens_per_sec"] - rows[("equal/skewed", "minisft")][0]) <= 1  # the table rounds
+    assert "decode (greedy, KV cache): minisft" in out
+    # The run folders and logs are kept in --work: each trainer really wrote its per-step records.
+    assert (work / "equal_skewed_minisft_0" / "metrics.jsonl").is_file()
+    if trl:
+        assert (work / "best_skewed_trl_0" / "steps.jsonl").is_file()
+
+
+def test_e2e_without_trl_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    assert bench.main(E2E + ["--rows", "grouped/skewed", "--work", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: trl is not importable" in out
+    assert set(e2e_rows(out)) == {("grouped/skewed", "minisft")}
+    assert json.loads(out.strip().splitlines()[-1])["trl_tokens_per_sec"] is None
+
+
+def test_datasets_are_deterministic_and_shaped(tmp_path):
+    a = bench.make_dataset(tmp_path / "a.jsonl", "skewed", 40)
+    b = bench.make_dataset(tmp_path / "b.jsonl", "skewed", 40)
+    assert a.read_text() == b.read_text()
+    convs = [json.loads(line)["messages"] for line in a.read_text().splitlines()]
+    answers = [len(m["content"].split()) for c in convs for m in c if m["role"] == "assistant"]
+    assert all(20 <= n <= 900 for n in answers) and max(answers) > 4 * min(answers)
+    assert {len(c) for c in convs} <= {2, 4}
+    shape = bench.make_dataset(tmp_path / "s.jsonl", "shape", 3).read_text().splitlines()
+    for line in shape:
+        q, a_ = json.loads(line)["messages"]
+        assert (len(q["content"].split()), len(a_["content"].split())) == (30, 300)
+
+
+def test_e2e_bad_arguments(capsys):
+    for argv, message in ((["--steps", "0"], r"--steps must be >= 1"),
+                          (["--rows", "nope"], r"--rows nope: unknown row"),
+                          (["--threads", "0"], r"--threads must be >= 1")):
+        assert bench.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.fullmatch(f"error: {message}.*\n", err), (argv, err)

@@ -61,3 +61,12 @@ def test_samples_from_template_settings(tiny, tmp_path):
     samples = [json.loads(ln) for ln in open(tmp_path / "run" / "samples.jsonl")]
     assert [s["question"] for s in samples] == ["What is 1 + 1?", "What is 2 + 2?"]
     assert out["steps"] == 1
+
+
+def test_max_examples_takes_the_first_conversations(tiny, tmp_path, capsys):
+    out = T.train(config(tiny, tmp_path / "run", max_examples=8, val_data=None, max_steps=1, sample_every=0,
+                         batch_size=4, grad_accum=1))
+    assert "data: 8 training conversations" in capsys.readouterr().out and out["steps"] == 1
+    assert T.main(["--model", tiny["model"], "--data", tiny["train"], "--out", str(tmp_path / "o"),
+                   "--max-examples", "0"]) == 2
+    assert "--max-examples=0" in capsys.readouterr().err

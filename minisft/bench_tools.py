@@ -1,0 +1,101 @@
+"""The bench's instruments: its datasets, the matmul peak that MFU divides by, and the decoding race.
+
+`python -m minisft.bench` (bench.py) uses them; read it first. Each is small on purpose: a benchmark
+is only as trustworthy as what it measures, so each one says exactly what it times.
+"""
+import json
+import random
+import statistics
+import time
+
+import torch
+
+SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vel", "du", "ni", "ro", "pe", "mar", "is", "ul", "fen", "ta"]
+
+
+def _words(rng, n):
+    return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
+
+
+def make_dataset(path, kind, n, seed=0):
+    """Write n conversations to path (.jsonl). kind "shape": 30-word question, 300-word answer;
+    "skewed": 1-2 turns with answers of 20-900 words, log-uniform (many short, a few very long)."""
+    rng = random.Random(f"{kind}-{seed}")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            if kind == "shape":
+                turns = [(30, 300)]
+            else:
+                turns = [(rng.randint(5, 40), int(20 * 45 ** rng.random())) for _ in range(rng.randint(1, 2))]
+            messages = []
+            for q, a in turns:
+                messages += [{"role": "user", "content": _words(rng, q)},
+                             {"role": "assistant", "content": _words(rng, a)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def gemm_peak_flops(hidden, intermediate, tokens, device, seconds=0.3):
+    """FLOP/s of a model-shaped matmul [tokens, hidden] @ [hidden, intermediate] in float32.
+
+    The best of many timings over `seconds`: a peak is what the machine CAN do, so the fastest
+    run counts, not the typical one (the bench measures it again after the runs and keeps the max).
+    """
+    a = torch.randn(tokens, hidden, device=device)
+    b = torch.randn(hidden, intermediate, device=device)
+    a @ b  # warm-up
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * tokens * hidden * intermediate / best
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_speed(model_path, device, new_tokens, repeats):
+    """-> (minisft tokens/s, transformers tokens/s or None, same tokens?) for greedy decoding of one prompt."""
+    from minisft import chat_template
+    from minisft.generate import generate
+    from minisft.weights import load_pretrained, resolve_model_dir
+
+    folder = resolve_model_dir(model_path)
+    model, tok = load_pretrained(folder, dtype="float32", device=device)
+    text = chat_template.render([{"role": "user", "content": "Tell me about the " + "old stone bridge " * 8}],
+                                chat_template.template_for(tok), add_generation_prompt=True)
+    prompt = tok.encode(text)
+    n = max(1, min(new_tokens, model.config.max_position_embeddings - len(prompt)))
+
+    def timed(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return n / statistics.median(times), out
+
+    ours, ours_ids = timed(lambda: generate(model, prompt, max_new_tokens=n, stop_ids=()))
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return ours, None, None
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+
+    def hf_generate():
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=model.config.pad_token_id or 0)
+        return out[0, len(prompt):].tolist()
+
+    theirs, their_ids = timed(hf_generate)
+    return ours, theirs, ours_ids == their_ids

@@ -1,0 +1,111 @@
+"""The speed work changes no number: token-budget packing, mask-free attention for right-padded
+batches, and the preallocated KV cache give what the slow, plain paths give."""
+import pytest
+import torch
+
+from minisft import data
+from minisft.generate import generate
+from minisft.model import KVCache, build_attn_mask, right_padded
+from test_data import PAD, assert_same, loss_and_grads, random_examples, separate_loss_and_grads, tiny_model
+
+
+# ---------------------------------------------------------------------------------------------
+# token-budget packing
+# ---------------------------------------------------------------------------------------------
+def test_budget_packing_respects_the_budget_and_keeps_every_example_once():
+    lengths = [3, 17, 9, 30, 2, 12, 25, 7, 7, 14, 5, 21, 1, 8, 19, 30, 4]
+    examples = random_examples(lengths, seed=3)
+    for budget, max_length in ((40, 30), (64, 16 + 14), (30, 30), (100, 32)):
+        batches = data.pack_to_budget(examples, budget, max_length)
+        assert all(sum(len(r["input_ids"]) for r in mb) <= budget for mb in batches), budget
+        assert all(len(r["input_ids"]) <= max_length for mb in batches for r in mb)
+        # every example exactly once: the multiset of (tokens of each packed conversation) is the input
+        found = sorted(tuple(r["input_ids"][i:j]) for mb in batches for r in mb
+                       for i, j in _spans(r["seq_ids"]))
+        assert found == sorted(tuple(e["input_ids"]) for e in examples)
+        # best fit leaves few micro-batches: no two could be merged into one under the budget
+        sizes = sorted(sum(len(r["input_ids"]) for r in mb) for mb in batches)
+        assert len(sizes) < 2 or sizes[0] + sizes[1] > budget
+    assert data.pack_to_budget(examples, 40, 30) == data.pack_to_budget(examples, 40, 30)  # deterministic
+
+
+def _spans(seq_ids):
+    """seq_ids of a packed row -> [(start, end)] of each conversation."""
+    spans, start = [], 0
+    for t in range(1, len(seq_ids) + 1):
+        if t == len(seq_ids) or seq_ids[t] != seq_ids[start]:
+            spans.append((start, t))
+            start = t
+    return spans
+
+
+def test_budget_packing_errors_name_the_example():
+    examples = random_examples([5, 12], seed=0)
+    with pytest.raises(ValueError, match="example 1 has 12 tokens, more than the token budget max_tokens=10"):
+        data.pack_to_budget(examples, 10, 64)
+    with pytest.raises(ValueError, match="example 1 has 12 tokens, more than max_length=8"):
+        data.pack_to_budget(examples, 64, 8)
+    with pytest.raises(ValueError, match=r"max_tokens=0 \(expected >= 1\)"):
+        data.token_budget([5, 12], 8, max_tokens=0)
+
+
+def test_token_budget_is_batch_size_times_mean_length():
+    assert data.token_budget([10, 20, 31], batch_size=4) == 4 * 21  # ceil(61 / 3) = 21
+    assert data.token_budget([10, 20, 31], batch_size=4, max_tokens=500) == 500
+
+
+def test_budget_packed_micro_batches_equal_separate_conversations():
+    """Loss and every gradient of the packed micro-batches equal those of each conversation alone."""
+    model = tiny_model(seed=4)
+    examples = random_examples([9, 14, 5, 7, 3, 12, 6, 11], seed=4)
+    batches = data.pack_to_budget(examples, 30, 16)
+    assert len(batches) > 1 and any(len(mb) > 1 for mb in batches)
+    model.zero_grad()
+    total, grads = 0.0, None
+    for mb in batches:
+        loss, g = loss_and_grads(model, data.collate(mb, PAD))
+        total = total + loss
+        grads = g if grads is None else {n: grads[n] + g[n] for n in g}
+    assert_same((total, grads), separate_loss_and_grads(model, examples))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention without a dense mask
+# ---------------------------------------------------------------------------------------------
+def test_right_padded_batches_take_the_causal_path_with_equal_results():
+    model = tiny_model(seed=5)
+    examples = random_examples([11, 4, 8], seed=5)
+    batch = data.collate(examples, PAD)
+    assert right_padded(batch["attention_mask"])
+    assert build_attn_mask(batch["attention_mask"], 0, batch["input_ids"].shape[1], "cpu") is None
+    assert_same(loss_and_grads(model, batch), separate_loss_and_grads(model, examples))
+    # Packed rows and left padding still get their mask: the fast path must not leak across conversations.
+    packed = data.collate(data.pack_examples(examples, 23), PAD)
+    assert not right_padded(packed["attention_mask"])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert not right_padded(left) and build_attn_mask(left, 0, 4, "cpu") is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# the preallocated KV cache
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capacity", [None, 3, 64])
+def test_preallocated_cache_equals_full_forward(capacity):
+    """capacity None / 3: the buffers grow (by doubling) while decoding; 64: allocated once."""
+    model = tiny_model(seed=6).eval()
+    ids = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config.num_hidden_layers, capacity=capacity)
+        steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+    assert cache.length == 12
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-10
+
+
+def test_generate_with_and_without_cache_agree_on_padded_batches():
+    model = tiny_model(seed=7).float().eval()
+    prompts = [[5, 17, 40, 3, 42, 8], [7, 7, 20], [33]]
+    with_cache = generate(model, prompts, max_new_tokens=10, use_cache=True)
+    without = generate(model, prompts, max_new_tokens=10, use_cache=False)
+    assert with_cache == without and all(len(a) == 10 for a in with_cache)
+    assert [generate(model, p, max_new_tokens=10) for p in prompts] == with_cache
