@@ -19,7 +19,8 @@ HELP = {
     "out": "run folder", "resume": "continue from the latest checkpoint in --out",
     "overwrite": "delete the previous run in --out first", "template": "chat template: smollm2 | smollm3 | chatml",
     "train_on": "turns that carry loss: assistant | last | all", "max_length": "max tokens per example",
-    "packing": "pack several conversations per row", "group_by_length": "batch similar lengths together",
+    "packing": "pack several conversations per row; micro-batches hold ~batch-size conversations' tokens",
+    "max_tokens": "with --packing: real tokens per micro-batch (default: batch size x mean length)", "group_by_length": "batch similar lengths together",
     "skip_bad": "skip malformed records (counted) instead of stopping",
     "batch_size": "examples per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
@@ -43,7 +44,7 @@ HELP = {
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.
-OPTIONAL_TYPES = {"max_examples": int, "data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
+OPTIONAL_TYPES = {"max_tokens": int, "max_examples": int, "data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
                   "epochs": int, "device": str, "stop_after_step": int}
 
 

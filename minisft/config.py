@@ -38,7 +38,8 @@ class TrainConfig:
     template: str | None = None  # smollm2 | smollm3 | chatml; None: guessed from the tokenizer
     train_on: str = "assistant"  # which turns carry loss: assistant | last | all
     max_length: int = 1024  # tokens per example (longer ones are truncated by whole turns)
-    packing: bool = False  # several conversations per row (block-diagonal attention)
+    packing: bool = False  # several conversations per row (block-diagonal attention), micro-batches by tokens
+    max_tokens: int | None = None  # with packing: real tokens per micro-batch; None: batch_size * mean length
     group_by_length: bool = False  # batch similar lengths together (less padding)
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     # -- optimisation
@@ -81,10 +82,11 @@ class TrainConfig:
 
 
 # Settings that decide what the weights become: a resumed run must use the same ones.
-TRAJECTORY_KEYS = ("model", "data", "data_subset", "data_split", "max_examples", "val_data", "val_split", "val_fraction", "template", "train_on", "max_length", "packing",
-                   "group_by_length", "skip_bad", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
-                   "warmup_ratio", "max_steps", "epochs", "weight_decay", "beta1", "beta2", "grad_clip", "seed",
-                   "dtype", "chunked_loss", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype")
+TRAJECTORY_KEYS = ("model", "data", "data_subset", "data_split", "max_examples", "val_data", "val_split",
+                   "val_fraction", "template", "train_on", "max_length", "packing", "max_tokens", "group_by_length",
+                   "skip_bad", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "warmup_ratio", "max_steps",
+                   "epochs", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "chunked_loss",
+                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype")
 
 
 def looks_like_hub_id(spec):
@@ -116,6 +118,10 @@ def check_config(cfg):
         raise ValueError("--max-steps and --epochs both given: choose one")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise bad("max_steps", "an integer >= 1")
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise bad("max_tokens", "an integer >= 1")
+    if cfg.max_tokens is not None and not cfg.packing:
+        raise bad("max_tokens", "no value without --packing (a padded micro-batch is --batch-size examples)")
     if cfg.max_examples is not None and cfg.max_examples < 1:
         raise bad("max_examples", "an integer >= 1")
     if cfg.epochs is not None and cfg.epochs < 1:

@@ -637,14 +637,17 @@ def collate(examples, pad_id):
     return batch
 
 
-def step_batches(examples, global_batch_size, micro_batch_size, seed, pad_id, group_by_length=False, rank=0, world=1):
+def step_batches(examples, global_batch_size, micro_batch_size, seed, pad_id, group_by_length=False, rank=0, world=1,
+                 packed=False):
     """-> batches(step): the collated micro-batches of optimizer step `step` for process `rank`.
 
     Step s is global batch s % steps_per_epoch of epoch s // steps_per_epoch (global_batches), so
     any step can be rebuilt on its own: a resumed run sees exactly the batches it would have seen.
     Process `rank` takes rows rank, rank + world, ... of the global batch. batches.steps_per_epoch
-    tells the epoch length."""
-    lengths = [len(ex["input_ids"]) for ex in examples]
+    tells the epoch length. packed=True: each example is a whole micro-batch of packed rows
+    (pack_to_budget), so micro_batch_size must be 1."""
+    unit = (lambda i: examples[i]) if packed else (lambda i: [examples[i]])  # index -> list of rows
+    lengths = [sum(len(r["input_ids"]) for r in unit(i)) for i in range(len(examples))]
     orders = {}  # the current epoch's global batches (one epoch kept at a time)
 
     def batches(step):
@@ -655,10 +658,10 @@ def step_batches(examples, global_batch_size, micro_batch_size, seed, pad_id, gr
         gb = orders[epoch][b]
         mine = micro_batches(gb[rank::world], micro_batch_size)
         if not mine:  # fewer examples than processes in a last partial batch: a no-target stand-in
-            stand_in = collate([examples[gb[0]]], pad_id)
+            stand_in = collate(unit(gb[0]), pad_id)
             stand_in["labels"].fill_(IGNORE)
             return [stand_in]
-        return [collate([examples[i] for i in mb], pad_id) for mb in mine]
+        return [collate([row for i in mb for row in unit(i)], pad_id) for mb in mine]
 
     batches.steps_per_epoch = math.ceil(len(examples) / global_batch_size)
     return batches

@@ -161,7 +161,12 @@ def load_data(cfg, model, tokenizer, template, log):
     val_examples = data.build_examples(tokenizer, val_convs, **opts)[0] if val_convs else []
     info["conversations"] = len(examples)
     if cfg.packing:
-        examples = data.pack_examples(examples, max_length)
+        # A packed micro-batch holds about as many real TOKENS as a padded one of batch_size examples
+        # would (data.token_budget): the recipe's lr and steps still fit, and no slot goes on padding.
+        # From here on each "example" is one micro-batch of packed rows.
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        info["budget"] = max(data.token_budget(lengths, cfg.batch_size, cfg.max_tokens), max(lengths))
+        examples = data.pack_to_budget(examples, info["budget"], max_length)
 
     sample_convs = data.load_conversations(cfg.sample_data, skip_bad=cfg.skip_bad)[0] if cfg.sample_data else val_convs
     prompts = []  # (question, rendered prompt) of the first num_samples conversations that give one
@@ -227,9 +232,10 @@ def train(cfg):
     examples, val_examples, prompts, info = load_data(cfg, model, tokenizer, template, log)
 
     # ---- steps, schedule, optimizer -----------------------------------------------------------
-    global_batch = cfg.batch_size * cfg.grad_accum * world
-    batches = data.step_batches(examples, global_batch, cfg.batch_size, cfg.seed, tokenizer.pad_id,
-                                cfg.group_by_length, rank, world)
+    micro = 1 if cfg.packing else cfg.batch_size  # packed: one unit = one micro-batch
+    global_batch = micro * cfg.grad_accum * world
+    batches = data.step_batches(examples, global_batch, micro, cfg.seed, tokenizer.pad_id, cfg.group_by_length,
+                                rank, world, packed=cfg.packing)
     steps_per_epoch = batches.steps_per_epoch
     total_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
     warmup = cfg.warmup_steps
@@ -263,10 +269,11 @@ def train(cfg):
     log(f"model {cfg.model}: {total:,} parameters on {device}{' (bfloat16 autocast)' if use_bf16 else ''}; "
         f"template {template}" + (f"; LoRA r={cfg.lora_r}: {trainable:,} trainable ({100 * trainable / total:.2f}%)"
                                   f"{', base in bfloat16' if bf16_base else ''}" if cfg.lora_r else ""))
+    packed = f", packed into {len(examples)} micro-batches of <= {info['budget']} tokens" if cfg.packing else ""
     log(f"data: {info['conversations']} training conversations ({info['dropped_no_target']} dropped: nothing to "
-        f"train on, {info['truncated']} truncated){f', packed into {len(examples)} rows' if cfg.packing else ''}; "
-        f"{len(val_examples)} validation")
-    log(f"{total_steps} steps of {global_batch} examples ({cfg.batch_size} x {cfg.grad_accum} accumulation"
+        f"train on, {info['truncated']} truncated){packed}; {len(val_examples)} validation")
+    log(f"{total_steps} steps of {global_batch} {'micro-batches' if cfg.packing else 'examples'} "
+        f"({micro} x {cfg.grad_accum} accumulation"
         f"{f' x {world} processes' if world > 1 else ''}), {steps_per_epoch} steps per epoch; "
         f"lr {cfg.lr:g}, warmup {warmup}")
 

@@ -70,3 +70,19 @@ def test_max_examples_takes_the_first_conversations(tiny, tmp_path, capsys):
     assert T.main(["--model", tiny["model"], "--data", tiny["train"], "--out", str(tmp_path / "o"),
                    "--max-examples", "0"]) == 2
     assert "--max-examples=0" in capsys.readouterr().err
+
+
+def test_packing_trains_every_target_once_per_epoch_within_the_token_budget(tiny, tmp_path, capsys):
+    padded = T.train(config(tiny, tmp_path / "padded", max_steps=None, epochs=1, sample_every=0, eval_every=0))
+    capsys.readouterr()
+    packed = T.train(config(tiny, tmp_path / "packed", max_steps=None, epochs=1, sample_every=0, eval_every=0,
+                            packing=True, max_tokens=300))
+    log = capsys.readouterr().out
+    assert "micro-batches of <= 300 tokens" in log, [ln for ln in log.splitlines() if "data:" in ln or "steps of" in ln]
+    rows_padded, rows_packed = read_metrics(padded["out"], timing=True), read_metrics(packed["out"], timing=True)
+    assert sum(r["tokens"] for r in rows_packed) == sum(r["tokens"] for r in rows_padded)
+    assert sum(r["input_tokens"] for r in rows_packed) == sum(r["input_tokens"] for r in rows_padded)
+    assert all(r["input_tokens"] <= 300 * 2 for r in rows_packed)  # 2 micro-batches of <= 120 tokens per step
+    assert T.main(["--model", tiny["model"], "--data", tiny["train"], "--out", str(tmp_path / "o"),
+                   "--max-tokens", "100"]) == 2
+    assert "--max-tokens=100" in capsys.readouterr().err
