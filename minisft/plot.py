@@ -120,7 +120,10 @@ def draw_panel(ax, runs, key, title, log_scale):
 def loss_figure(runs):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    # Fixed margins, not layout="constrained": the trainer redraws these plots during a run, and
+    # the constraint solver took about 40% of each redraw.
+    fig = Figure(figsize=(7, 4.5))
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.11, top=0.93)
     draw_loss(fig.add_subplot(), runs)
     return fig
 
@@ -129,7 +132,8 @@ def dashboard_figure(runs, fig=None):
     """All panels: loss, lr, gradient norm, throughput, memory, target tokens."""
     if fig is None:
         from matplotlib.figure import Figure
-        fig = Figure(figsize=(14, 8), layout="constrained")
+        fig = Figure(figsize=(14, 8))
+        fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.92, wspace=0.22, hspace=0.3)
     axes = fig.subplots(2, 3).ravel()
     draw_loss(axes[0], runs)
     for ax, (key, title, log_scale) in zip(axes[1:], PANELS[1:]):
