@@ -3,7 +3,7 @@
     python -m minisft.memory --model M --batch-size 2 --max-length 2048 [--lora-r 8] [--lora-targets all-linear]
                              [--grad-checkpointing] [--dtype bfloat16|float32] [--json]
 
-Read with lesson 9 (speed and memory). A training step holds six things at once:
+Read with lesson 11 (speed and memory). A training step holds six things at once:
 
   weights      Full fine-tuning: float32 master weights (train.py keeps float32 weights and runs the
                maths in bf16 under autocast; --dtype bfloat16 means that autocast). LoRA: the frozen base
