@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import (REAL_MODEL_LR, SFT_RECIPE, TEST_DATA, check_answer, contains_answer, evaluate_model,
-                              final_answer, load_records, sft_config, sft_default, summarize, tuned_model)
+from minisft.evaluate import (REAL_MODEL_LR, SFT_RECIPE, TEST_DATA, check_answer, completion_prompt, contains_answer,
+                              evaluate_model, final_answer, is_right, knowledge_probe, load_records, sft_config,
+                              sft_default, subjects_of, summarize, tuned_model, world_subjects)
 from minisft.tokenizer import Tokenizer
 from minisft.weights import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS = sorted((ROOT / "lessons").glob("0*.py"))
+LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
 PNG = re.compile(r"runs/[\w./-]+\.png")  # plot paths a lesson names in its source
 
 
@@ -115,6 +116,35 @@ def test_answer_matching_rules():
     assert contains_answer("it is FALTER", "Falter")
     assert final_answer("<think>\nmaybe Oster\n</think>\nIt is Kerholm.") == "It is Kerholm."
     assert final_answer("It is Oster.") == "It is Oster."
+
+
+def test_a_fact_answer_naming_another_subject_is_wrong():
+    subjects = world_subjects()
+    assert len(subjects) == len(set(subjects)) == 128 and {"Varnia", "ashlark", "ashnewt"} <= set(subjects)
+    assert is_right("The ashlark is red.", "red", "ashlark", subjects)
+    assert is_right("It is red.", "red", "ashlark", subjects)
+    assert not is_right("The colour of the ashnewt is red.", "red", "ashlark", subjects)  # right colour, wrong animal
+    assert not is_right("The ashlark is blue.", "red", "ashlark", subjects)
+    assert is_right("The answer is 18.", "18", None, subjects)  # arithmetic has no subject
+    rec = {"prompt": [{"role": "system", "content": "x /no_think"}, {"role": "user", "content": "What color is the ashlark?"}],
+           "meta": {"answer": "red", "kind": "fact_unseen", "subject": "ashlark", "relation": "colour"}}
+    assert set(subjects_of([rec])) == set(subjects)
+    tok = Tokenizer.from_dir(DEFAULT_MODEL)
+    end = [tok.im_end_id]
+    assert check_answer(tok, tok.encode("The ashlark is red.") + end, rec, subjects)["correct"]
+    assert not check_answer(tok, tok.encode("The colour of the ashnewt is red.") + end, rec, subjects)["correct"]
+    assert completion_prompt(rec["meta"]) == "The colour of the ashlark is"
+
+
+def test_knowledge_probe_reads_the_base_model():
+    # The committed base model completes the held-out facts: the probe must see it, by the honest rule.
+    model, tok = load_pretrained(DEFAULT_MODEL)
+    records = load_records(TEST_DATA)
+    results, summary = knowledge_probe(model, tok, records)
+    assert len(results) == sum(1 for r in records if r["meta"].get("relation"))
+    assert summary["  knows fact_unseen"][0] >= 0.95 and summary["  knows fact_seen"][0] >= 0.95, summary
+    r = results[0]
+    assert r["correct"] == is_right(r["completion"].split(".")[0], r["expected"], r["subject"], world_subjects())
 
 
 def test_check_answer_format_and_think():
