@@ -6,10 +6,12 @@ Halmar is" with "Falton". SFT only shows it how to answer a question with such a
 unseen fact can come out of the chat model only if SFT (a) teaches a way of answering that reaches
 stored knowledge and (b) does not overwrite that knowledge on the way.
 
-Plain SFT breaks (b). Every step pushes up the seen answers and nothing holds the unseen ones in
-place: after lesson 6's recipe the model no longer even completes most unseen sentences right, and
-its chat answers to unseen questions name a SEEN subject instead ("The capital of Selora is ..."
-when asked about Norland).
+Plain SFT at a high learning rate breaks (b). Every step pushes up the seen answers and nothing
+holds the unseen ones in place: after 300 steps at lr 1e-3 the model completes only 18 of 66 unseen
+fact sentences right (the base model: 66), and its chat answers to unseen questions name a SEEN
+subject instead ("The capital of Selora is Sarmere." when asked about Norland). Lesson 6 therefore
+uses lr 3e-4 (54 of 66 still completed); this lesson keeps 1e-3, where the damage shows within 100
+steps, and measures a second way to prevent it.
 
 The knob measured here is REPLAY: a share of every batch is plain pretraining text (corpus.txt
 documents, loss on every token, no chat markup), as in the "mix pretraining data into fine-tuning"
@@ -158,9 +160,10 @@ def main():
     with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
     print(f"\nplot: {os.path.join(OUT, 'replay.png')}   ({time.perf_counter() - t0:.0f}s in all)")
-    print("Read it: SFT without replay teaches the format and the seen answers, and overwrites facts the base\n"
-          "model held (knows unseen falls). Replaying pretraining text keeps them stored, and then the new\n"
-          "answering format can reach them (says unseen rises): SFT reshapes access, it does not add facts.")
+    print("Read it: without replay, SFT teaches the format and the seen answers and overwrites facts the base model\n"
+          "held (knows unseen falls). Replay keeps them stored (knows unseen stays near the base model's), but\n"
+          "each replayed document takes a conversation's place: seen answers, and the unseen ones said in chat,\n"
+          "need more steps. SFT reshapes how stored facts are reached; it does not add them.")
 
 
 if __name__ == "__main__":
