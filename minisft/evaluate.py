@@ -52,7 +52,7 @@ SFT_RECIPE = dict(
     eval_every=25, patience=4, sample_every=100, plot_every=25, save_every=0, log_every=10, seed=0,
 )
 # A real SmolLM (135M parameters and up) was pretrained on trillions of tokens: steps as large as the
-# tiny model's overwrite what it knows. After 30 steps of this recipe at lr 1e-3, SmolLM2-135M-Instruct
+# tiny model's overwrite what it knows. After 30 steps of this recipe but at lr 1e-3, SmolLM2-135M-Instruct
 # says the capital of France is "Solven" and a clear sky is golden; at 5e-5 it still says Paris and blue.
 # With any model but the embedded default, the recipe takes the usual SFT learning rate instead.
 REAL_MODEL_LR = dict(lr=5e-5, min_lr=5e-6)
