@@ -60,14 +60,14 @@ def trained_steps(final_dir):
 
 def knows_says_table(rows, knows):
     """Per fact kind: does each model KNOW the fact (plain-text completion) and SAY it (chat answer)?"""
-    head = "facts".ljust(14) + "".join(f"{label + ' ' + what:>20}" for label, _ in rows
+    head = "facts".ljust(14) + "".join(f"{label + ' ' + what:>25}" for label, _ in rows
                                            for what in ("knows it (compl.)", "says it (chat)"))
     lines = [head, "-" * len(head)]
     for kind in ("fact_seen", "fact_unseen"):
         cells = []
         for label, summary in rows:
             for rate, n in (knows[label][f"  knows {kind}"], summary[f"  accuracy {kind}"]):
-                cells.append(("-" if rate is None else f"{100 * rate:5.1f}% /{n}").rjust(20))
+                cells.append(("-" if rate is None else f"{100 * rate:5.1f}% /{n}").rjust(25))
         lines.append(kind.ljust(14) + "".join(cells))
     return "\n".join(lines)
 

@@ -10,7 +10,7 @@ Plain SFT at a high learning rate breaks (b). Every step pushes up the seen answ
 holds the unseen ones in place: after 300 steps at lr 1e-3 the model completes only 18 of 66 unseen
 fact sentences right (the base model: 66), and its chat answers to unseen questions name a SEEN
 subject instead ("The capital of Selora is Sarmere." when asked about Norland). Lesson 6 therefore
-uses lr 3e-4 (54 of 66 still completed); this lesson keeps 1e-3, where the damage shows within 100
+uses lr 3e-4 (57 of 66 still completed); this lesson keeps 1e-3, where the damage shows within 100
 steps, and measures a second way to prevent it.
 
 The knob measured here is REPLAY: a share of every batch is plain pretraining text (corpus.txt
