@@ -301,6 +301,17 @@ def make_split(rng, facts, n, kinds, seen_text):
     return out
 
 
+def world(seed=SEED):
+    """-> the world's fact dicts, exactly the ones build(seed) writes about (the first thing its rng draws)."""
+    return make_facts(random.Random(seed))
+
+
+def subjects(seed=SEED):
+    """-> every subject of the world (countries, animals, inventions): an answer naming one of them
+    that is not the subject asked about talks about something else (minisft/evaluate.py uses this)."""
+    return [f["subject"] for f in world(seed)]
+
+
 def build(seed=SEED):
     """-> dict file name -> file text (all four files), deterministic in `seed`."""
     rng = random.Random(seed)

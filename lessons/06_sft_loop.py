@@ -44,8 +44,8 @@ KNOBS = dict(
     max_steps=300,          # optimizer steps (~1.6 epochs of 3000 conversations)
     batch_size=8,           # conversations per micro-batch ...
     grad_accum=2,           # New: ... x 2 micro-batches = 16 per optimizer step (lesson 4's accumulation)
-    lr=1e-3,                # peak learning rate
-    min_lr=1e-4,            # the cosine ends here, not at 0
+    lr=3e-4,                # peak learning rate
+    min_lr=3e-5,            # the cosine ends here, not at 0
     warmup_ratio=0.05,      # 5% linear warmup
     weight_decay=0.0,       # little data, few steps: no need to pull weights to 0
     max_length=192,         # tokens per conversation (longer ones lose trailing turns)

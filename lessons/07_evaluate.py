@@ -5,8 +5,11 @@ conversations of data/sft_test.jsonl (greedy, batched; minisft/evaluate.py) and 
 checked:
   - format: stops with <|im_end|> by itself, never writes the next "user"/"assistant" turn
   - think mode: a <think> trace when the system prompt says /think, none with /no_think
-  - answer accuracy (final answer after </think> contains the expected answer), split by kind:
-    arithmetic, fact_seen (the fact is in the SFT data), fact_unseen (only in pretraining text)
+  - answer accuracy (final answer after </think> contains the expected answer and names no other
+    subject of the world), split by kind: arithmetic, fact_seen (the fact is in the SFT data),
+    fact_unseen (only in pretraining text)
+  - knows it vs says it: each fact also asked as a plain-text completion ("The capital of Varnia is"):
+    does the model hold the fact (completion), and does the chat answer bring it out (chat)?
 
 Run:  python lessons/07_evaluate.py [--model data/base-model] [--tuned runs/06_sft_loop/final]
 The tuned model is lesson 6's fine-tune of --model; when it is missing, this lesson trains it first
@@ -31,7 +34,8 @@ import matplotlib.pyplot as plt
 
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import TEST_DATA, evaluate_model, final_answer, format_table, load_records, tuned_model
+from minisft.evaluate import (TEST_DATA, evaluate_model, format_table, knowledge_probe, load_records, subjects_of,
+                              tuned_model)
 from minisft.tokenizer import Tokenizer
 from minisft.weights import load_pretrained
 
@@ -52,6 +56,20 @@ def trained_steps(final_dir):
         return None
     with open(path, encoding="utf-8") as f:
         return sum(1 for ln in f if ln.strip())
+
+
+def knows_says_table(rows, knows):
+    """Per fact kind: does each model KNOW the fact (plain-text completion) and SAY it (chat answer)?"""
+    head = "facts".ljust(14) + "".join(f"{label + ' ' + what:>25}" for label, _ in rows
+                                           for what in ("knows it (compl.)", "says it (chat)"))
+    lines = [head, "-" * len(head)]
+    for kind in ("fact_seen", "fact_unseen"):
+        cells = []
+        for label, summary in rows:
+            for rate, n in (knows[label][f"  knows {kind}"], summary[f"  accuracy {kind}"]):
+                cells.append(("-" if rate is None else f"{100 * rate:5.1f}% /{n}").rjust(25))
+        lines.append(kind.ljust(14) + "".join(cells))
+    return "\n".join(lines)
 
 
 def bar_chart(rows, path):
@@ -91,12 +109,15 @@ def main():
     records = load_records(args.data)[:N_RECORDS]
     template = template_for(Tokenizer.from_dir(args.tuned))  # the format the tuned model trained on: ask both in it
     print(f"test set: {len(records)} conversations from {args.data}, rendered with the {template!r} template\n")
-    rows, all_results = [], []
+    subjects = subjects_of(records)  # New: an answer naming another subject of the world is wrong
+    rows, all_results, knows = [], [], {}
     for label, path in (("base", args.base), ("tuned", args.tuned)):
         t0 = time.perf_counter()
         model, tok = load_pretrained(path)
         # New: evaluate_model = batched greedy answers + the checks of minisft/evaluate.py, per record.
-        results, summary = evaluate_model(model, tok, records, template, MAX_NEW_TOKENS)
+        results, summary = evaluate_model(model, tok, records, template, MAX_NEW_TOKENS, subjects=subjects)
+        # New: the same facts as plain-text completions: what the weights hold, chat format or not.
+        knows[label] = knowledge_probe(model, tok, records, subjects)[1]
         print(f"{label}: answered {len(results)} prompts in {time.perf_counter() - t0:.1f}s; for example:")
         for rec, r in list(zip(records, results))[:3]:
             print(f"  Q {rec['prompt'][-1]['content']!r} (expects {r['expected']!r})")
@@ -107,22 +128,16 @@ def main():
 
     print("\n" + format_table(rows))
     print("(rate / number of prompts it is measured on)")
+    print("\n" + knows_says_table(rows, knows))
     with open(os.path.join(OUT, "results.jsonl"), "w", encoding="utf-8") as f:
         for r in all_results:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     bar_chart(rows, os.path.join(OUT, "eval.png"))
     print(f"\nplot: {os.path.join(OUT, 'eval.png')}   every answer: {os.path.join(OUT, 'results.jsonl')}")
-    print("Read it: SFT taught the FORMAT (stop at <|im_end|>, follow /think and /no_think). Facts the SFT "
-          "data never\nmentions (fact_unseen) can only come from pretraining: compare them with fact_seen.")
-    # A check is only as good as its rule: "contains the expected answer" does not look at WHICH
-    # subject the answer talks about. Count the right answers that name another subject.
-    tuned = [r for r in all_results if r["model"] == "tuned"]
-    unseen = [(rec, r) for rec, r in zip(records, tuned) if r["kind"] == "fact_unseen" and r["correct"]]
-    other = [(rec, r) for rec, r in unseen if rec["meta"]["subject"].lower() not in r["answer_text"].lower()]
-    if other:
-        rec, r = other[0]
-        print(f"Caution: {len(other)} of the {len(unseen)} tuned fact_unseen answers counted correct do not name "
-              f"the subject asked about,\ne.g. {rec['prompt'][-1]['content']!r} -> {final_answer(r['answer_text'])!r}")
+    print("Read it: SFT taught the FORMAT (stop at <|im_end|>, follow /think and /no_think). A fact the SFT data "
+          "never\nmentions (fact_unseen) can only come from pretraining: 'knows it' says the weights hold it, "
+          "'says it' whether\nthe chat answer brings it out. A right answer that names another subject counts "
+          "as wrong.")
 
 
 if __name__ == "__main__":

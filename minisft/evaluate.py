@@ -17,10 +17,20 @@ checked against plain rules:
   trace with </think>; with /no_think it contains no <think> at all.
 - answer accuracy: the final answer is the text after the last </think> (the whole answer when there
   is none), special tokens removed. It is correct when it contains the record's `meta.answer` as a
-  whole word, ignoring case (so "18" does not match "118"). Scored for every record with an answer,
-  whatever the format; also split by `meta.kind` (arithmetic, fact_seen, fact_unseen).
+  whole word, ignoring case (so "18" does not match "118"), AND, for a fact about `meta.subject`,
+  names no OTHER subject of the world: "The colour of the ashnewt is red." is wrong for the ashlark,
+  even when the ashlark is red too. Without that second rule a model that answers every question
+  about an unknown animal with a known animal's sentence scores whenever the colours collide.
+  Scored for every record with an answer, whatever the format; also split by `meta.kind`
+  (arithmetic, fact_seen, fact_unseen).
+- knows it vs says it: the same facts asked as plain text completions ("The capital of Varnia is",
+  no chat markup, see `completion_prompt`) and checked by the same rule. A base model that completes
+  the sentence right KNOWS the fact; a chat model that answers the question right SAYS it. Comparing
+  the two separates "SFT did not teach the fact" from "SFT lost the way to a fact the model holds".
 """
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -34,12 +44,15 @@ from minisft.generate import generate
 # its knobs; a test checks they agree). About 1.6 epochs of the 3000 training conversations.
 SFT_RECIPE = dict(
     max_steps=300, batch_size=8, grad_accum=2,  # 16 conversations per optimizer step
-    lr=1e-3, min_lr=1e-4, warmup_ratio=0.05, weight_decay=0.0,  # a 1.8M model wants a high lr
+    # A 1.8M model learns the format fast even at 3e-4; at 1e-3 the same 300 steps also overwrite the
+    # facts SFT never asks about (the base model completes 66/66 held-out facts, the 1e-3 fine-tune
+    # 18/66, the 3e-4 one 57/66): lesson 10 measures it.
+    lr=3e-4, min_lr=3e-5, warmup_ratio=0.05, weight_decay=0.0,
     max_length=192,  # all but ~20 of 3000 conversations fit (the others lose trailing turns)
     eval_every=25, patience=4, sample_every=100, plot_every=25, save_every=0, log_every=10, seed=0,
 )
 # A real SmolLM (135M parameters and up) was pretrained on trillions of tokens: steps as large as the
-# tiny model's overwrite what it knows. After 30 steps of this recipe at lr 1e-3, SmolLM2-135M-Instruct
+# tiny model's overwrite what it knows. After 30 steps of this recipe but at lr 1e-3, SmolLM2-135M-Instruct
 # says the capital of France is "Solven" and a clear sky is golden; at 5e-5 it still says Paris and blue.
 # With any model but the embedded default, the recipe takes the usual SFT learning rate instead.
 REAL_MODEL_LR = dict(lr=5e-5, min_lr=5e-6)
@@ -142,8 +155,44 @@ def contains_answer(text, answer):
     return re.search(r"(?<!\w)" + re.escape(str(answer)) + r"(?!\w)", text, re.IGNORECASE) is not None
 
 
-def check_answer(tokenizer, new_ids, record):
-    """One generation (new token ids, stop token included if hit) -> a result dict of checks."""
+@functools.lru_cache(maxsize=None)
+def world_subjects():
+    """Every subject of data/make_data.py's world (countries, animals, inventions), as a tuple.
+
+    Read from the generator itself, so the list can never drift from the data it wrote."""
+    path = os.path.join(DATA_DIR, "make_data.py")
+    spec = importlib.util.spec_from_file_location("minisft_make_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.subjects())
+
+
+def subjects_of(records):
+    """The subjects an answer must not name by mistake: the world's and every record's meta.subject."""
+    return tuple(sorted(set(world_subjects()) | {r["meta"]["subject"] for r in records if r["meta"].get("subject")}))
+
+
+def is_right(text, answer, subject=None, subjects=()):
+    """Does `text` state `answer` (whole word, any case) about `subject`, naming no other of `subjects`?"""
+    if not contains_answer(text, answer):
+        return False
+    others = [s for s in subjects if subject is not None and s.lower() != subject.lower()]
+    return not any(contains_answer(text, s) for s in others)
+
+
+COMPLETION_PROMPTS = {"capital": "The capital of {s} is", "colour": "The colour of the {s} is",
+                      "inventor": "The {s} was invented by"}
+
+
+def completion_prompt(meta):
+    """A fact record's meta -> the plain-text sentence start that the corpus completes with the answer."""
+    return COMPLETION_PROMPTS[meta["relation"]].format(s=meta["subject"])
+
+
+def check_answer(tokenizer, new_ids, record, subjects=()):
+    """One generation (new token ids, stop token included if hit) -> a result dict of checks.
+
+    subjects: the world's subjects (see subjects_of); a fact answer naming another one is wrong."""
     ended = bool(new_ids) and new_ids[-1] in tokenizer.stop_ids()
     body_ids = new_ids[:-1] if ended else new_ids
     raw = tokenizer.decode(body_ids)  # special tokens kept: leakage shows as <|im_start|> here
@@ -156,7 +205,8 @@ def check_answer(tokenizer, new_ids, record):
     return {"answer_text": text, "n_tokens": len(new_ids), "ends_with_im_end": ended, "role_leak": leak,
             "format_ok": ended and not leak, "think_requested": think, "has_think": "<think>" in text,
             "has_trace": has_trace, "think_ok": think_ok, "kind": record["meta"].get("kind"), "expected": answer,
-            "correct": None if answer is None else contains_answer(final_answer(text), answer)}
+            "correct": None if answer is None else is_right(final_answer(text), answer,
+                                                            record["meta"].get("subject"), subjects)}
 
 
 def generate_answers(model, tokenizer, prompts, template=None, max_new_tokens=96, batch_size=64):
@@ -192,11 +242,40 @@ def summarize(results):
     return s
 
 
-def evaluate_model(model, tokenizer, records, template=None, max_new_tokens=96, batch_size=64):
-    """Answer every record's prompt and check it -> (per-record results, summary dict)."""
+def evaluate_model(model, tokenizer, records, template=None, max_new_tokens=96, batch_size=64, subjects=None):
+    """Answer every record's prompt and check it -> (per-record results, summary dict).
+
+    subjects None: subjects_of(records)."""
+    subjects = subjects_of(records) if subjects is None else subjects
     answers = generate_answers(model, tokenizer, [r["prompt"] for r in records], template, max_new_tokens, batch_size)
-    results = [check_answer(tokenizer, new, rec) for new, rec in zip(answers, records)]
+    results = [check_answer(tokenizer, new, rec, subjects) for new, rec in zip(answers, records)]
     return results, summarize(results)
+
+
+def knowledge_probe(model, tokenizer, records, subjects=None, max_new_tokens=8, batch_size=64):
+    """Does the model KNOW each fact record's answer? Greedy plain-text completion of completion_prompt.
+
+    Only the first sentence of the completion counts (the corpus goes on with other facts), judged by
+    is_right. -> (results: list of {kind, relation, subject, expected, completion, correct},
+    summary {"  knows fact_seen": (rate, n), "  knows fact_unseen": (rate, n)})."""
+    from minisft.generate import generate
+
+    subjects = subjects_of(records) if subjects is None else subjects
+    facts = [r["meta"] for r in records if r["meta"].get("relation") in COMPLETION_PROMPTS]
+    ids = [tokenizer.encode(completion_prompt(m)) for m in facts]
+    out = []
+    for i in range(0, len(ids), batch_size):
+        out += generate(model, ids[i:i + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
+                        stop_ids=[], use_cache=True)
+    results = []
+    for m, new in zip(facts, out):
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        first = re.split(r"[.?!\n]", text, maxsplit=1)[0]
+        results.append({"kind": m.get("kind"), "relation": m["relation"], "subject": m["subject"],
+                        "expected": m["answer"], "completion": text,
+                        "correct": is_right(first, m["answer"], m["subject"], subjects)})
+    summary = {f"  knows {k}": _rate(results, "correct", lambda r, k=k: r["kind"] == k) for k in KINDS[1:]}
+    return results, summary
 
 
 def format_table(rows):
