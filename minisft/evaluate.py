@@ -49,7 +49,8 @@ SFT_RECIPE = dict(
     # 18/66, the 3e-4 one 57/66): lesson 10 measures it.
     lr=3e-4, min_lr=3e-5, warmup_ratio=0.05, weight_decay=0.0,
     max_length=192,  # all but ~20 of 3000 conversations fit (the others lose trailing turns)
-    eval_every=25, patience=4, sample_every=100, plot_every=25, save_every=0, log_every=10, seed=0,
+    packing=True,  # micro-batches of ~8 conversations of tokens, packed: little padding (lesson 11)
+    eval_every=25, patience=4, sample_every=100, plot_every=50, save_every=0, log_every=10, seed=0,
 )
 # A real SmolLM (135M parameters and up) was pretrained on trillions of tokens: steps as large as the
 # tiny model's overwrite what it knows. After 30 steps of this recipe but at lr 1e-3, SmolLM2-135M-Instruct
