@@ -14,7 +14,7 @@ Read along:
   minisft/rundir.py   the run folder: metrics, plots, checkpoints, resume, Ctrl-C
   minisft/config.py   TrainConfig: every knob below, with its default
 
-Run:  python lessons/06_sft_loop.py [--model data/base-model] [--steps 300] [--lr 1e-3]
+Run:  python lessons/06_sft_loop.py [--model data/base-model] [--steps 300] [--lr 4e-4]
 Out:  runs/06_sft_loop/  (runs/ is the lessons' scratch space: a previous run there is replaced)
       final/ (the fine-tuned model), metrics.jsonl, samples.jsonl and the plots
       runs/06_sft_loop/loss.png, runs/06_sft_loop/metrics.png
@@ -44,8 +44,8 @@ KNOBS = dict(
     max_steps=300,          # optimizer steps (~1.6 epochs of 3000 conversations)
     batch_size=8,           # conversations per micro-batch ...
     grad_accum=2,           # New: ... x 2 micro-batches = 16 per optimizer step (lesson 4's accumulation)
-    lr=3e-4,                # peak learning rate
-    min_lr=3e-5,            # the cosine ends here, not at 0
+    lr=4e-4,                # peak learning rate
+    min_lr=4e-5,            # the cosine ends here, not at 0
     warmup_ratio=0.05,      # 5% linear warmup
     weight_decay=0.0,       # little data, few steps: no need to pull weights to 0
     max_length=192,         # tokens per conversation (longer ones lose trailing turns)
@@ -63,7 +63,7 @@ KNOBS = dict(
 FAST_STEPS = 30  # MINISFT_FAST=1: CI only checks that the lesson runs
 OUT = os.path.join(RUNS, "06_sft_loop")
 # New: a second, short run that over-fits on purpose, to see the trainer's over-fitting warning.
-OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=10, overfit_evals=3)  # 60 steps = 15 epochs
+OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=10, overfit_evals=3)  # 60 steps = 12 epochs (5 packed micro-batches)
 QUESTIONS = [  # asked to the fine-tuned model at the end
     [{"role": "system", "content": "You are a concise assistant. /no_think"},
      {"role": "user", "content": "What is 7 + 5?"}],

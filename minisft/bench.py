@@ -23,6 +23,8 @@ Rows (the two datasets are built by the bench, deterministically):
   equal/shape    one conversation shape: 30-word question, 300-word answer (padding costs nothing)
   equal/skewed   1-2 turns, answers of 20-900 words; padding, no checkpointing on both sides
   grouped/skewed minisft --group-by-length: batches of similar lengths
+  ckpt/skewed    minisft --grad-checkpointing on the padded batches of equal/skewed: what activation
+                 checkpointing saves (peak MB) and costs (step ms), next to that row
   best/skewed    each at its best documented setting: minisft --packing; TRL packing "bfd" with
                  its default gradient checkpointing (both then put more tokens in a step than the
                  padded rows do: compare tokens/s, not step ms)
@@ -53,7 +55,7 @@ from minisft.bench_tools import decode_speed, gemm_peak_flops, make_dataset
 from minisft.default_model import DEFAULT_MODEL
 from minisft.evaluate import SFT_RECIPE, TRAIN_DATA, VAL_DATA
 
-JOBS = ("equal/shape", "equal/skewed", "grouped/skewed", "best/skewed", "lesson6")
+JOBS = ("equal/shape", "equal/skewed", "grouped/skewed", "ckpt/skewed", "best/skewed", "lesson6")
 JSON_KEYS = ("minisft_tokens_per_sec", "trl_tokens_per_sec", "minisft_peak_mb", "trl_peak_mb", "mfu",
              "padded_useful_tokens_per_sec", "grouped_useful_tokens_per_sec", "packed_useful_tokens_per_sec",
              "decode_tokens_per_sec", "transformers_decode_tokens_per_sec", "device")
@@ -97,7 +99,9 @@ def job_commands(job, args, work, model, max_length):
     if job == "lesson6":
         model, data, knobs = DEFAULT_MODEL, TRAIN_DATA, dict(SFT_RECIPE)
         knobs.pop("max_steps")
-        mine = ["--val-data", VAL_DATA] + [f"--{k.replace('_', '-')}={v}" for k, v in knobs.items()]
+        flags = lambda k, v: ([f"--{k.replace('_', '-')}"] if v else []) if isinstance(v, bool) else [
+            f"--{k.replace('_', '-')}={v}"]  # a True switch is a bare flag (--packing)
+        mine = ["--val-data", VAL_DATA] + [f for k, v in knobs.items() for f in flags(k, v)]
     else:
         kind = job.split("/")[1]
         data = os.path.join(work, f"{kind}.jsonl")
@@ -106,10 +110,11 @@ def job_commands(job, args, work, model, max_length):
         mine = [f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
                 f"--max-length={max_length}", "--lr=5e-5", "--min-lr=0", "--warmup-steps=0", "--weight-decay=0",
                 "--eval-every=0", "--sample-every=0", "--save-every=0", "--plot-every=0", f"--log-every={args.steps}"]
-        mine += {"grouped/skewed": ["--group-by-length"], "best/skewed": ["--packing"]}.get(job, [])
+        mine += {"grouped/skewed": ["--group-by-length"], "best/skewed": ["--packing"],
+                 "ckpt/skewed": ["--grad-checkpointing"]}.get(job, [])
     mine = py + ["minisft.train", "--model", model, "--data", data, "--overwrite", "--dtype", "float32"] + common + mine
     trl = None
-    if args.trl and job != "grouped/skewed":
+    if args.trl and job not in ("grouped/skewed", "ckpt/skewed"):
         trl = py + ["minisft.bench_trl", "--model", model, "--data", data] + common + [
             f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
             f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"]
