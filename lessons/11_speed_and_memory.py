@@ -92,7 +92,6 @@ def main():
     t_start = time.perf_counter()
     model, tok = load_pretrained(args.model, dtype="float32", device="cpu")
     model.train()  # checkpointing only recomputes in training mode
-    params = list(model.parameters())
 
     # 1. New: the memory of one step, counted before it runs. float32 as lesson 6 trains on the CPU.
     print(f"1. memory of one full fine-tuning step, micro-batch {BATCH_SIZE} x {MAX_LENGTH} tokens "

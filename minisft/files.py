@@ -56,3 +56,13 @@ def replace_file(tmp, final):
     fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+def read_json(path):
+    """Parse a JSON file; a syntax error becomes a one-line ValueError naming the file and the line."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None

@@ -31,6 +31,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from minisft.files import read_json
 from minisft.weights import _fresh_name, _write_json, load_pretrained, save_pretrained
 
 ALL_LINEAR = "all-linear"
@@ -261,11 +262,7 @@ def read_adapter_config(adapter_dir):
     path = os.path.join(adapter_dir, CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no {CONFIG}: {adapter_dir} is not an adapter folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    cfg = read_json(path)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise ValueError(f"{path}: peft_type is {got!r}, expected 'LORA'")

@@ -41,6 +41,7 @@ import sys
 
 import torch
 
+from minisft.files import read_json
 from minisft.loss import chunked_cross_entropy
 from minisft.model import ModelConfig, SmolLM
 from minisft.weights import resolve_model_dir
@@ -60,11 +61,7 @@ def read_config(model):
         path = os.path.join(resolve_model_dir(model), "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no config.json in this model folder")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    cfg = read_json(path)
     return ModelConfig.from_hf(cfg, source=path)
 
 

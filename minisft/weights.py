@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minisft import files as disk  # durable writes (files.py)
+from minisft.files import read_json
 from minisft.model import ModelConfig, SmolLM
 from minisft.tokenizer import Tokenizer
 
@@ -223,11 +224,7 @@ def load_pretrained(name_or_path, dtype=None, device=None):
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: no config.json in this model folder")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            hf_cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    hf_cfg = read_json(cfg_path)
     config = ModelConfig.from_hf(hf_cfg, source=cfg_path)
 
     # Build on the "meta" device: shapes only, no memory and no random init that we would overwrite.
