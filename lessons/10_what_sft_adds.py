@@ -10,7 +10,7 @@ Plain SFT at a high learning rate breaks (b). Every step pushes up the seen answ
 holds the unseen ones in place: after 300 steps at lr 1e-3 the model completes only 18 of 66 unseen
 fact sentences right (the base model: 66), and its chat answers to unseen questions name a SEEN
 subject instead ("The capital of Selora is Sarmere." when asked about Norland). Lesson 6 therefore
-uses lr 3e-4 (57 of 66 still completed); this lesson keeps 1e-3, where the damage shows within 100
+uses lr 4e-4 (47 of 66 still completed); this lesson keeps 1e-3, where the damage shows within 85
 steps, and measures a second way to prevent it.
 
 The knob measured here is REPLAY: a share of every batch is plain pretraining text (corpus.txt
@@ -57,7 +57,7 @@ OUT = os.path.join(RUNS, "10_what_sft_adds")
 REPLAY = [0.0, 0.25, 0.5]  # New: the share of each batch that is pretraining text
 STEPS = 10 if FAST else 85  # optimizer steps per setting (3 settings x 85 steps: within 90 s on 2 cores)
 BATCH = 16  # examples per step (SFT conversations + replayed documents)
-LR, MIN_LR, WARMUP = 1e-3, 1e-4, 5  # a high lr, where plain SFT erases what it never asks about (lesson 6 uses 3e-4)
+LR, MIN_LR, WARMUP = 1e-3, 1e-4, 5  # a high lr, where plain SFT erases what it never asks about (lesson 6 uses 4e-4)
 MAX_LENGTH = 192
 SEED = 0
 
