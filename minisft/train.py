@@ -301,8 +301,9 @@ def train(cfg):
                 state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
                 state["tokens_seen"] += numbers["tokens"]
                 eta = (time.perf_counter() - t_start) / (done - start_step) * (total_steps - done)
-                rec = {"step": step, "epoch": step // steps_per_epoch, **numbers, "tokens_per_sec": numbers["input_tokens"] / dt,
-                       "target_tokens_per_sec": numbers["tokens"] / dt, "step_time_s": dt,
+                rec = {"step": step, "epoch": step // steps_per_epoch, **numbers,
+                       "tokens_per_sec": numbers["input_tokens"] / dt, "target_tokens_per_sec": numbers["tokens"] / dt,
+                       "step_time_s": dt,
                        "elapsed_s": state["elapsed_s"], "eta_s": eta, "peak_mem_mb": peak_memory_mb(device)}
                 if done % cfg.log_every == 0 or last:
                     log(f"step {step:>5}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
