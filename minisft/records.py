@@ -137,12 +137,9 @@ def _cli():
 
 def _hub_files(repo_id, subset, split):
     """-> (snapshot folder, sorted relative paths of the split's files): from the cache, else downloaded."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from .weights import hub_snapshot
 
-    from .weights import _hub_cache_dir, _hub_offline
-
-    cache, patterns = _hub_cache_dir(), _patterns(subset, split)
+    patterns = _patterns(subset, split)
     what = f"subset {subset!r}, split {split!r}" if subset is not None else f"split {split!r}"
 
     def files_in(folder):
@@ -151,29 +148,11 @@ def _hub_files(repo_id, subset, split):
             rels += [os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/") for n in names]
         return matching_files(rels, subset, split)
 
-    try:
-        folder = snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=cache,
-                                   local_files_only=True)
-        rels = files_in(folder)
-        if rels and _complete(folder, rels):
-            return folder, rels
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        pass  # not in the cache (or only partly): download below
     include = " ".join(f"--include '{p}'" for p in patterns)
     how = (f"download it where the Hub is reachable (`{_cli()} download {repo_id} --repo-type dataset {include}`, "
            f"with HF_HUB_OFFLINE unset or 0), or pass a local file or folder")
-    if _hub_offline():
-        raise ValueError(f"{repo_id}: no such local file or folder, its {what} is not (fully) in the Hugging Face "
-                         f"cache ({cache}), and HF_HUB_OFFLINE is set: {how}")
-    try:
-        folder = snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns, cache_dir=cache)
-    except RepositoryNotFoundError:
-        raise ValueError(f"{repo_id}: no such local file or folder, and no such dataset on the Hugging Face Hub "
-                         f"(or it is private/gated); check the name or pass a local file or folder") from None
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{repo_id}: no such local file or folder, and it could not be downloaded from the "
-                         f"Hugging Face Hub ({first_line}); {how}") from None
+    folder = hub_snapshot(repo_id, patterns, lambda f: bool(files_in(f)) and _complete(f, files_in(f)), how,
+                          repo_type="dataset", local="file or folder", missing=f"its {what} is not (fully)")
     rels = files_in(folder)
     if not rels:
         raise ValueError(f"{repo_id}: the dataset has no .parquet or .jsonl files for {what} (looked for "

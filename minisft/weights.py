@@ -91,31 +91,43 @@ def _hub_offline():
 
 
 def _hub_snapshot(repo_id):
+    how = (f"download it where the Hub is reachable (`huggingface-cli download {repo_id}`, "
+           f"with HF_HUB_OFFLINE unset or 0), or pass a local model folder")
+    # The cache may hold only some files (e.g. a config.json fetched on its own), and
+    # huggingface_hub cannot always tell: such a snapshot counts as not cached.
+    return hub_snapshot(repo_id, HUB_FILES, _has_model_files, how)
+
+
+def hub_snapshot(repo_id, patterns, complete, how, repo_type=None, local="folder", missing="not (fully)"):
+    """The local snapshot folder of Hub repo `repo_id` holding the files `patterns` select: from the
+    Hugging Face cache when complete(folder) says it is all there, else downloaded into that cache.
+
+    Offline, or when the download fails, a one-line ValueError that names the repo and ends in `how`
+    (what to run to get it). repo_type: None (a model) or "dataset"; `local` and `missing` word the
+    error ("no such local {local}, {missing} in the Hugging Face cache")."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = _hub_cache_dir()
     try:
-        folder = snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=cache, local_files_only=True)
-        # The cache may hold only some files (e.g. a config.json fetched on its own), and
-        # huggingface_hub cannot always tell: such a snapshot counts as not cached.
-        if _has_model_files(folder):
+        folder = snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns, cache_dir=cache,
+                                   local_files_only=True)
+        if complete(folder):
             return folder
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass  # not in the cache (or only partly): download below
-    how = (f"download it where the Hub is reachable (`huggingface-cli download {repo_id}`, "
-           f"with HF_HUB_OFFLINE unset or 0), or pass a local model folder")
     if _hub_offline():
-        raise ValueError(f"{repo_id}: no such local folder, not (fully) in the Hugging Face cache ({cache}), "
+        raise ValueError(f"{repo_id}: no such local {local}, {missing} in the Hugging Face cache ({cache}), "
                          f"and HF_HUB_OFFLINE is set: {how}")
     try:
-        return snapshot_download(repo_id, allow_patterns=HUB_FILES, cache_dir=cache)
+        return snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns, cache_dir=cache)
     except RepositoryNotFoundError:
-        raise ValueError(f"{repo_id}: no such local folder, and no such model on the Hugging Face Hub (or it is "
-                         f"private/gated); check the name or pass a local model folder") from None
+        raise ValueError(f"{repo_id}: no such local {local}, and no such {repo_type or 'model'} on the Hugging Face "
+                         f"Hub (or it is private/gated); check the name or pass a local "
+                         f"{'model folder' if repo_type is None else local}") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{repo_id}: no such local folder, and it could not be downloaded from the Hugging Face "
+        raise ValueError(f"{repo_id}: no such local {local}, and it could not be downloaded from the Hugging Face "
                          f"Hub ({first_line}); {how}") from None
 
 
