@@ -41,6 +41,7 @@ HELP = {
     "data_subset": "subset of a Hub dataset or folder (e.g. SFT)", "data_split": "split to train on (default: train)",
     "val_split": "split of --val-data when it is a Hub dataset or folder",
     "max_examples": "train on the first N conversations only",
+    "freeze_embeddings": "train only the chat tokens' embedding rows (text tokens keep their pretrained rows)",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.

@@ -73,6 +73,8 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the input of the adapters (training only)
     lora_targets: str = "all-linear"  # all-linear (every linear layer but lm_head) or e.g. q_proj,v_proj
     base_dtype: str = "auto"  # the frozen base with LoRA: float32 | bfloat16 | auto (bfloat16 on CUDA)
+    # -- what full fine-tuning may change (lesson 10)
+    freeze_embeddings: bool = False  # keep the text tokens' embedding rows as pretraining left them
     # -- the machine
     device: str | None = None  # cuda | mps | cpu; None: the best available
     dtype: str = "auto"  # float32 | bfloat16 (autocast, weights stay float32) | auto: bfloat16 on CUDA
@@ -86,7 +88,8 @@ TRAJECTORY_KEYS = ("model", "data", "data_subset", "data_split", "max_examples",
                    "val_fraction", "template", "train_on", "max_length", "packing", "max_tokens", "group_by_length",
                    "skip_bad", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "warmup_ratio", "max_steps",
                    "epochs", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "chunked_loss",
-                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype")
+                   "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype",
+                   "freeze_embeddings")
 
 
 def looks_like_hub_id(spec):
@@ -156,6 +159,8 @@ def check_config(cfg):
     if cfg.base_dtype == "bfloat16" and not cfg.lora_r:
         # Full fine-tuning updates the weights themselves: they stay float32 (train.py says why).
         raise bad("base_dtype", "float32 or auto without --lora-r (a frozen base needs LoRA)")
+    if cfg.freeze_embeddings and cfg.lora_r:
+        raise bad("freeze_embeddings", "no value with --lora-r (LoRA already keeps every base weight frozen)")
     if cfg.template is not None and cfg.template not in chat_template.TEMPLATES:
         raise bad("template", f"one of {', '.join(chat_template.TEMPLATES)}")
     if cfg.train_on not in chat_template.TRAIN_ON:

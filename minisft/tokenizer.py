@@ -25,6 +25,9 @@ class Tokenizer:
         self.pad_token = _token_str(self.config.get("pad_token")) or self.eos_token
         # Strings that the tokenizer turns into one control token wherever they appear.
         self.special_tokens = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+        # Ids of every token added on top of the learned vocabulary: the chat markup (<|im_start|>,
+        # <|im_end|>, <think>, ...) and other control tokens; plain text never produces them.
+        self.added_ids = sorted(tk.get_added_tokens_decoder())
 
     # ---- loading and saving -------------------------------------------------------------
     @classmethod

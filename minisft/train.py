@@ -119,6 +119,26 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens}
 
 
+def freeze_text_embeddings(model, trainable_ids):
+    """Let only the rows `trainable_ids` of the token embedding (and of lm_head) learn. Lesson 10.
+
+    Why: SFT asks about some subjects and not others. When every row may move, the rows of the tokens
+    the SFT data uses (the names it asks about) drift towards what the chat answers need, while the
+    rows of names it never shows stay where pretraining put them. The blocks then adapt to the moved
+    rows, and a question about a name SFT never showed falls back on a name it did show. Frozen, every
+    name keeps the representation pretraining gave it, so what the blocks learn about answering
+    applies to all of them. The chat markup (<|im_start|>, <|im_end|>, <think>, ...) is new to a base
+    model: its rows must learn, so they stay trainable.
+
+    A gradient hook zeroes the other rows' gradient: AdamW's moments stay 0 there and the embedding
+    is in the group without weight decay (param_groups), so those rows never change.
+    """
+    for p in {id(p): p for p in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():  # tied: once
+        rows = torch.zeros(p.shape[0], 1, device=p.device, dtype=p.dtype)  # [V, 1]: 1 where a row learns
+        rows[[i for i in trainable_ids if i < p.shape[0]]] = 1
+        p.register_hook(lambda grad, rows=rows: grad * rows)
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: weight decay on the weight matrices of the linear layers, nowhere else.
 
@@ -217,6 +237,8 @@ def train(cfg):
         raise FileNotFoundError(f"{cfg.model}: no tokenizer.json next to the weights (training needs the tokenizer)")
     if cfg.lora_r:  # New in lesson 9: freeze the model, train low-rank adapters on its linear layers
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.freeze_embeddings:  # New in lesson 10: the text tokens keep their pretrained embedding rows
+        freeze_text_embeddings(model, tokenizer.added_ids)
     model.grad_checkpointing = cfg.grad_checkpointing
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_cuda_bf16)
     device_type = torch.device(device).type

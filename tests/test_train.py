@@ -407,3 +407,32 @@ def test_final_carries_the_trained_chat_template(tiny, tmp_path):
     assert gen == render(msgs[:1], "chatml", add_generation_prompt=True)
     log = []
     assert T.final_template(tiny["tok"], "smollm3", log.append) is None and "warning" in log[0]
+
+
+# ---- --freeze-embeddings (lesson 10) -----------------------------------------------------------
+def test_freeze_embeddings_trains_only_the_chat_token_rows(tiny, tmp_path):
+    run = T.train(config(tiny, tmp_path / "frozen", freeze_embeddings=True, max_steps=3, sample_every=0,
+                         save_every=0))
+    from safetensors.torch import load_file
+    before = load_file(os.path.join(tiny["model"], "model.safetensors"))["model.embed_tokens.weight"]
+    after = final_weights(run["out"])["model.embed_tokens.weight"]
+    changed = sorted(torch.nonzero((after != before).any(dim=1)).flatten().tolist())
+    added = tiny["tok"].added_ids
+    assert changed and set(changed) <= set(added)  # the rows that moved are chat markup only
+    assert tiny["tok"].im_end_id in changed  # every assistant turn ends in <|im_end|>: its row learns
+    # ... while the rest of the model did train
+    w0 = load_file(os.path.join(tiny["model"], "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(w0, final_weights(run["out"])["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_freeze_embeddings_resume_is_exact(tiny, tmp_path):
+    full = T.train(config(tiny, tmp_path / "full", freeze_embeddings=True, max_steps=4, sample_every=0))
+    T.train(config(tiny, tmp_path / "part", freeze_embeddings=True, max_steps=4, sample_every=0, stop_after_step=2))
+    done = T.train(config(tiny, tmp_path / "part", freeze_embeddings=True, max_steps=4, sample_every=0, resume=True))
+    fw, dw = final_weights(full["out"]), final_weights(done["out"])
+    assert all(torch.equal(fw[k], dw[k]) for k in fw)
+
+
+def test_freeze_embeddings_with_lora_is_an_error(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"--freeze-embeddings=True: expected no value with --lora-r"):
+        T.train(config(tiny, tmp_path / "x", freeze_embeddings=True, lora_r=4))
