@@ -9,13 +9,16 @@ Lesson 6's micro-batch (8 conversations x up to 192 tokens) taken apart, with th
   3. what packing buys: real tokens / slots of random batches, of --group-by-length, and of token-budget
      packing; then useful tokens/s of real forward+backward steps, padded vs packed
   4. what activation checkpointing buys and costs: bytes kept and step time, off vs on
-  5. plots -> runs/11_speed_and_memory/memory.png and runs/11_speed_and_memory/speed.png
+  5. what minisft's hand-written backwards save: one decoder block's bytes kept for backward, written
+     with plain ops vs with RMSNormFn and SwiGLUFn (model.py), at equal settings
+  6. plots -> runs/11_speed_and_memory/memory.png and runs/11_speed_and_memory/speed.png
 
 Read along:
   minisft/memory.py      estimate(): the parts of a step's memory, and how activations are counted
   minisft/loss.py        chunked_cross_entropy: the logits one chunk at a time, recomputed in backward
   minisft/data.py        pack_to_budget / token_budget (packing), epoch_padding_efficiency (padding)
   minisft/bench_micro.py saved_for_backward_bytes: the saved-tensor count used below
+  minisft/model.py       RMSNormFn, SwiGLUFn: what a norm and the SwiGLU product keep for backward
 
 Run:  python lessons/11_speed_and_memory.py [--model data/base-model]
 About 30 s on 2 CPU cores. MINISFT_FAST=1 times fewer steps (for CI). Times are wall-clock medians:
@@ -37,6 +40,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import torch.nn.functional as F
 
 from minisft import data
 from minisft.bench_micro import saved_for_backward_bytes
@@ -44,6 +48,7 @@ from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
 from minisft.loss import batch_loss
 from minisft.memory import PARTS, estimate, read_config
+from minisft.model import Block, rope_cos_sin
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
@@ -81,6 +86,27 @@ def step_seconds(model, settings, n_steps):
 def kept_bytes(model, batch, chunked=True):
     """Bytes autograd keeps for backward while one micro-batch's loss is built (parameters left out)."""
     return saved_for_backward_bytes(lambda: batch_loss(model, batch, chunked=chunked)[0], list(model.parameters()))
+
+
+# New: one decoder block written with plain ops, as autograd sees it without minisft's Functions. Each norm
+# then also keeps its float32 normalised x [D] for the gain's product, and the MLP keeps silu(gate) [I].
+def plain_block(block, x, cos, sin):
+    def norm(n, x):
+        xf = x.float()
+        return n.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)).to(x.dtype)
+
+    x = x + block.self_attn(norm(block.input_layernorm, x), cos, sin, None, None)
+    h, mlp = norm(block.post_attention_layernorm, x), block.mlp
+    return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+
+def block_kept_per_token(block, cfg, T, plain):
+    """Bytes one block keeps for backward per token, float32, a [1, T] input that requires grad (as in the
+    middle of a model). cos and sin are left out with the parameters: every layer shares them."""
+    x = torch.randn(1, T, cfg.hidden_size, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T)[None], cfg.head_dim, cfg.rope_theta, x.dtype)
+    fn = (lambda: plain_block(block, x, cos, sin)) if plain else (lambda: block(x, cos, sin, None, None))
+    return saved_for_backward_bytes(fn, list(block.parameters()) + [cos, sin]) / T
 
 
 def main():
@@ -180,7 +206,20 @@ def main():
     # Each block's forward runs twice (once more in backward): about 1/3 more compute. A busy machine's
     # wall clock can hide that on a model this small; the bytes above are exact.
 
-    # 5. The plots.
+    # 5. New: the same block, the same numbers out (bitwise), less kept: RMSNormFn keeps x and rstd [1] and
+    # rebuilds x * rstd in backward; SwiGLUFn keeps gate and up and recomputes silu(gate).
+    print(f"\n5. kept for backward by one decoder block, float32, bytes per token: plain ops vs minisft's Functions")
+    blocks = [(model_name, model.model.layers[0], model.config)]
+    if big is not None:
+        big_cfg = read_config(BIG_CONFIG)
+        blocks.append(("SmolLM2-135M", Block(big_cfg, 0).train(), big_cfg))  # random weights: shapes are what count
+    for name, block, cfg in blocks:
+        plain, ours = (block_kept_per_token(block, cfg, MAX_LENGTH, p) for p in (True, False))
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        print(f"   {name:<16} plain ops {plain:8,.0f}   RMSNormFn + SwiGLUFn {ours:8,.0f}   "
+              f"(keeps {ours / plain:.0%}: 2 norms x D={D} + I={I} floats fewer)")
+
+    # 6. The plots.
     os.makedirs(OUT, exist_ok=True)
     panels = [(f"{model_name}, float32 (MB)", small, MB)]
     if big is not None:
@@ -216,7 +255,7 @@ def main():
     speed_png = os.path.join(OUT, "speed.png")
     fig.savefig(speed_png, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    print(f"\n5. plots: {os.path.relpath(memory_png)}  {os.path.relpath(speed_png)}")
+    print(f"\n6. plots: {os.path.relpath(memory_png)}  {os.path.relpath(speed_png)}")
     print(f"wall time {time.perf_counter() - t_start:.0f}s")
 
 

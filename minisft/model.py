@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_TYPES = ("llama", "smollm3")
@@ -150,8 +151,54 @@ class ModelConfig:
         return out
 
 
+def rms_norm(x, weight, eps):
+    """x [..., D], weight [D] -> (weight * normalised x [..., D], rstd = 1 / rms [..., 1]).
+
+    float32 maths for bfloat16/float16/float32 x (float64 stays float64), cast back to x's dtype
+    before the gain, as transformers does.
+    """
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+class RMSNormFn(torch.autograd.Function):
+    """rms_norm with a hand-written backward that saves only x [..., D] and rstd [..., 1].
+
+    Written as plain ops, autograd would also keep x * rstd [..., D] (float32) for the gain's
+    product, while the next Linear keeps the output again: one more [..., D] per norm. Backward
+    rebuilds n = x * rstd from the two, which costs one elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):  # dy [..., D]
+        x, weight, rstd = ctx.saved_tensors
+        n = x.to(rstd.dtype) * rstd  # [..., D] in the forward's maths dtype
+        nx = n.to(x.dtype)  # what the forward multiplied by weight
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # The gradient reaches n through the cast, so it is rounded to x's dtype first, as
+            # autograd would. Then d/dx of x * rsqrt(mean(x^2) + eps) applied to g:
+            # rstd * (g - n * mean(g * n)).
+            g = (dy * weight).to(x.dtype).to(rstd.dtype)
+            dx = (rstd * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dy * nx).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)  # sum over every leading dim
+        return dx, dw, None
+
+
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like transformers does."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like transformers does.
+
+    With a backward to come it runs as RMSNormFn (the same numbers, less kept for backward).
+    """
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -159,10 +206,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # [..., D] -> [..., D]
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFn.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)[0]  # no backward to come: nothing to save
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
@@ -257,8 +303,37 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
+class SwiGLUFn(torch.autograd.Function):
+    """h = silu(g) * u with a backward that saves only g and u [..., I], and recomputes silu(g).
+
+    Written as plain ops, autograd would also keep silu(g) [..., I] for the product, while down_proj
+    keeps h. Recomputing silu in backward costs one elementwise pass; its derivative is
+    silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g).
+    """
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh):  # dh [..., I]
+        g, u = ctx.saved_tensors
+        dg = du = None
+        if ctx.needs_input_grad[0]:
+            # silu' in at least float32, as PyTorch's own silu backward does for bfloat16; the
+            # gradient reaching silu(g) is rounded to g's dtype first, as autograd would.
+            gf = g.to(torch.promote_types(g.dtype, torch.float32))
+            s = torch.sigmoid(gf)
+            dg = ((dh * u).to(g.dtype).to(gf.dtype) * s * (1 + gf * (1 - s))).to(g.dtype)
+        if ctx.needs_input_grad[1]:
+            du = (dh * F.silu(g)).to(u.dtype)
+        return dg, du
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); the product runs as SwiGLUFn when a backward is to come."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -267,8 +342,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, I, bias=bias)
         self.down_proj = nn.Linear(I, D, bias=bias)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):  # [..., D] -> [..., D]
+        g, u = self.gate_proj(x), self.up_proj(x)  # [..., I]
+        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+            return self.down_proj(SwiGLUFn.apply(g, u))
+        return self.down_proj(F.silu(g) * u)  # no backward to come: nothing to save
 
 
 class Block(nn.Module):
