@@ -28,6 +28,8 @@ Rows (the two datasets are built by the bench, deterministically):
   best/skewed    each at its best documented setting: minisft --packing; TRL packing "bfd" with
                  its default gradient checkpointing (both then put more tokens in a step than the
                  padded rows do: compare tokens/s, not step ms)
+  shipped/skewed TRL as it ships (padding, gradient checkpointing on) against minisft's low-memory
+                 setting (--packing --grad-checkpointing): the speed at no more memory
   lesson6        the embedded default model on data/sft_train.jsonl with lesson 6's knobs
                  (evaluation, samples and plots included in wall s, not in tokens/s)
 Then decoding: minisft.generate (KV cache, greedy) against transformers' generate on the same
@@ -55,7 +57,7 @@ from minisft.bench_tools import decode_speed, gemm_peak_flops, make_dataset
 from minisft.default_model import DEFAULT_MODEL
 from minisft.evaluate import SFT_RECIPE, TRAIN_DATA, VAL_DATA
 
-JOBS = ("equal/shape", "equal/skewed", "grouped/skewed", "ckpt/skewed", "best/skewed", "lesson6")
+JOBS = ("equal/shape", "equal/skewed", "grouped/skewed", "ckpt/skewed", "best/skewed", "shipped/skewed", "lesson6")
 JSON_KEYS = ("minisft_tokens_per_sec", "trl_tokens_per_sec", "minisft_peak_mb", "trl_peak_mb", "mfu",
              "padded_useful_tokens_per_sec", "grouped_useful_tokens_per_sec", "packed_useful_tokens_per_sec",
              "decode_tokens_per_sec", "transformers_decode_tokens_per_sec", "device")
@@ -111,15 +113,16 @@ def job_commands(job, args, work, model, max_length):
                 f"--max-length={max_length}", "--lr=5e-5", "--min-lr=0", "--warmup-steps=0", "--weight-decay=0",
                 "--eval-every=0", "--sample-every=0", "--save-every=0", "--plot-every=0", f"--log-every={args.steps}"]
         mine += {"grouped/skewed": ["--group-by-length"], "best/skewed": ["--packing"],
-                 "ckpt/skewed": ["--grad-checkpointing"]}.get(job, [])
+                 "ckpt/skewed": ["--grad-checkpointing"], "shipped/skewed": ["--packing", "--grad-checkpointing"]
+                 }.get(job, [])
     mine = py + ["minisft.train", "--model", model, "--data", data, "--overwrite", "--dtype", "float32"] + common + mine
     trl = None
     if args.trl and job not in ("grouped/skewed", "ckpt/skewed"):
         trl = py + ["minisft.bench_trl", "--model", model, "--data", data] + common + [
             f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
             f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"]
-        if job == "best/skewed":
-            trl += ["--packing", "--gradient-checkpointing"]
+        trl += {"best/skewed": ["--packing", "--gradient-checkpointing"],
+                "shipped/skewed": ["--gradient-checkpointing"]}.get(job, [])
     return mine, trl
 
 
@@ -189,6 +192,12 @@ def format_e2e(rows, notes, meta, decode, device):
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:,.0f}"
         lines.append(f"| {r['job']} | {r['trainer']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:,.1f} | {peak} | "
                      f"{100 * r['mfu']:.2f}% | {r['wall_s']:.1f} | {r['runs']} |")
+    by = {(r["job"], r["trainer"]): r for r in rows}
+    for job in JOBS:  # the ratios the targets are stated in
+        if (job, "minisft") in by and (job, "trl") in by:
+            a, b = by[job, "minisft"], by[job, "trl"]
+            mem = "" if not (a["peak_mb"] and b["peak_mb"]) else f" at {a['peak_mb'] / b['peak_mb']:.2f}x its peak memory"
+            lines.append(f"{job}: minisft runs {a['tokens_per_s'] / b['tokens_per_s']:.2f}x TRL's tokens/s{mem}")
     lines.append(f"MFU peak: a model-shaped float32 matmul reaches {meta['gemm_gflops']:,.1f} GFLOP/s on {device}")
     ours, theirs, same = decode
     lines.append(f"decode (greedy, KV cache): minisft {ours:,.1f} tokens/s"

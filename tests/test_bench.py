@@ -115,7 +115,7 @@ def e2e_run(tmp_path_factory):
     import io
 
     work = tmp_path_factory.mktemp("bench")
-    argv = E2E + ["--rows", "equal/skewed,best/skewed", "--work", str(work)]
+    argv = E2E + ["--rows", "equal/skewed,best/skewed,shipped/skewed", "--work", str(work)]
     trl = bench.trl_available() is None
     if not trl:
         argv.append("--no-trl")
@@ -130,7 +130,7 @@ def test_e2e_table_and_json(e2e_run):
     assert rc == 0, out
     rows = e2e_rows(out)
     trainers = ["minisft", "trl"] if trl else ["minisft"]
-    assert set(rows) == {(r, t) for r in ("equal/skewed", "best/skewed") for t in trainers}, out
+    assert set(rows) == {(r, t) for r in ("equal/skewed", "best/skewed", "shipped/skewed") for t in trainers}, out
     for key, (tok_s, step_ms, mfu) in rows.items():
         assert tok_s > 0 and step_ms > 0 and mfu > 0, key
     summary = json.loads(out.strip().splitlines()[-1])
@@ -143,6 +143,12 @@ def test_e2e_table_and_json(e2e_run):
     assert (summary["trl_tokens_per_sec"] > 0) if trl else summary["trl_tokens_per_sec"] is None
     assert abs(summary["minisft_tokens_per_sec"] - rows[("equal/skewed", "minisft")][0]) <= 1  # the table rounds
     assert "decode (greedy, KV cache): minisft" in out
+    if trl:  # the ratios the targets are stated in, from the table's own rows
+        for job in ("equal/skewed", "best/skewed", "shipped/skewed"):
+            ratio = rows[(job, "minisft")][0] / rows[(job, "trl")][0]
+            got = float(re.search(rf"{job}: minisft runs ([0-9.]+)x TRL's tokens/s at [0-9.]+x its peak memory",
+                                  out).group(1))
+            assert abs(got - ratio) < 0.02 * ratio + 0.01, (job, got, ratio)
     # The run folders and logs are kept in --work: each trainer really wrote its per-step records.
     assert (work / "equal_skewed_minisft_0" / "metrics.jsonl").is_file()
     if trl:
