@@ -14,7 +14,7 @@ Read along:
   minisft/rundir.py   the run folder: metrics, plots, checkpoints, resume, Ctrl-C
   minisft/config.py   TrainConfig: every knob below, with its default
 
-Run:  python lessons/06_sft_loop.py [--model data/base-model] [--steps 300] [--lr 4e-4]
+Run:  python lessons/06_sft_loop.py [--model data/base-model] [--steps 300] [--lr 1.5e-3]
 Out:  runs/06_sft_loop/  (runs/ is the lessons' scratch space: a previous run there is replaced)
       final/ (the fine-tuned model), metrics.jsonl, samples.jsonl and the plots
       runs/06_sft_loop/loss.png, runs/06_sft_loop/metrics.png
@@ -44,8 +44,9 @@ KNOBS = dict(
     max_steps=300,          # optimizer steps (~1.6 epochs of 3000 conversations)
     batch_size=8,           # conversations per micro-batch ...
     grad_accum=2,           # New: ... x 2 micro-batches = 16 per optimizer step (lesson 4's accumulation)
-    lr=4e-4,                # peak learning rate
-    min_lr=4e-5,            # the cosine ends here, not at 0
+    lr=1.5e-3,              # peak learning rate
+    min_lr=1.5e-4,          # the cosine ends here, not at 0
+    freeze_embeddings=True, # New (lesson 10): text tokens keep their pretrained embedding rows
     warmup_ratio=0.05,      # 5% linear warmup
     weight_decay=0.0,       # little data, few steps: no need to pull weights to 0
     max_length=192,         # tokens per conversation (longer ones lose trailing turns)

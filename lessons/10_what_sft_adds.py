@@ -1,4 +1,4 @@
-"""Lesson 10: what SFT adds -- a format, not facts; and how plain SFT can erase the facts it needs.
+"""Lesson 10: what SFT adds -- a format, not facts; and what decides whether the facts survive it.
 
 Lesson 7 split the facts in two: fact_seen (the SFT data asks about them) and fact_unseen (only the
 pretraining corpus states them). The base model KNOWS both kinds: it completes "The capital of
@@ -6,25 +6,30 @@ Halmar is" with "Falton". SFT only shows it how to answer a question with such a
 unseen fact can come out of the chat model only if SFT (a) teaches a way of answering that reaches
 stored knowledge and (b) does not overwrite that knowledge on the way.
 
-Plain SFT at a high learning rate breaks (b). Every step pushes up the seen answers and nothing
-holds the unseen ones in place: after 300 steps at lr 1e-3 the model completes only 18 of 66 unseen
-fact sentences right (the base model: 66), and its chat answers to unseen questions name a SEEN
-subject instead ("The capital of Selora is Sarmere." when asked about Norland). Lesson 6 therefore
-uses lr 4e-4 (47 of 66 still completed); this lesson keeps 1e-3, where the damage shows within 85
-steps, and measures a second way to prevent it.
+Plain SFT fails both. Asked about an unseen country, the tuned model answers about a SEEN one
+("The question is about the country Selora ..." when asked about Norland): the SFT data asks about
+the same 96 subjects again and again, and every step moves the embedding rows of THOSE names (and,
+tied to them, lm_head's rows) towards what the chat answers need. The names SFT never shows keep
+their pretrained rows, so the blocks, which adapt to the moved rows, no longer treat an unseen name
+like a seen one, and fall back on a seen one. Meanwhile nothing holds the unseen facts in place.
 
-The knob measured here is REPLAY: a share of every batch is plain pretraining text (corpus.txt
-documents, loss on every token, no chat markup), as in the "mix pretraining data into fine-tuning"
-recipes used for large models. The same short SFT run is repeated with 0%, 25% and 50% replay, and
-each tuned model is asked the held-out facts twice: as a completion (does it still KNOW them?) and
+This lesson runs the same short SFT three times and changes one thing each time:
+  - plain: every weight trains (what lesson 6 did before this lesson's finding);
+  - 25% replay: a quarter of every batch is plain pretraining text (corpus.txt documents, loss on
+    every token), as in the "mix pretraining data into fine-tuning" recipes for large models;
+  - frozen text embeddings: minisft.train.freeze_text_embeddings (the trainer's
+    --freeze-embeddings) keeps every text token's row as pretraining left it; only the rows of the
+    chat markup (<|im_start|>, <|im_end|>, <think>, </think>), which the base model never saw, learn.
+Each tuned model is asked the held-out facts twice: as a completion (does it still KNOW them?) and
 as a chat question (does it SAY them?). A fact answer counts only if it names the right object and
 no other subject of the world (minisft/evaluate.py's rule).
 
 The loop is written out here (lesson 6's trainer has no replay option): the same pieces as
-minisft/train.py -- data.build_examples, data.collate, loss.chunked_cross_entropy, schedule.lr_at.
+minisft/train.py -- data.build_examples, data.collate, loss.chunked_cross_entropy, schedule.lr_at,
+train.freeze_text_embeddings.
 
 Run:  python lessons/10_what_sft_adds.py [--model data/base-model]
-Out:  runs/10_what_sft_adds/replay.png (accuracy against the replay share), results.json
+Out:  runs/10_what_sft_adds/ablation.png (accuracy for each setting), results.json
 About a minute on 2 CPU cores. MINISFT_FAST=1 runs 10 steps per setting (CI).
 """
 import argparse
@@ -49,15 +54,17 @@ from minisft.chat_template import template_for
 from minisft.default_model import CORPUS, DEFAULT_MODEL
 from minisft.evaluate import TEST_DATA, TRAIN_DATA, evaluate_model, knowledge_probe, load_records, subjects_of
 from minisft.loss import chunked_cross_entropy
+from minisft.train import freeze_text_embeddings
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
 FAST = os.environ.get("MINISFT_FAST", "0") not in ("", "0")
 OUT = os.path.join(RUNS, "10_what_sft_adds")
-REPLAY = [0.0, 0.25, 0.5]  # New: the share of each batch that is pretraining text
+# New: the settings compared -- (name, share of each batch that is pretraining text, frozen text embeddings)
+SETTINGS = [("plain", 0.0, False), ("25% replay", 0.25, False), ("frozen text embeddings", 0.0, True)]
 STEPS = 10 if FAST else 85  # optimizer steps per setting (3 settings x 85 steps: within 90 s on 2 cores)
 BATCH = 16  # examples per step (SFT conversations + replayed documents)
-LR, MIN_LR, WARMUP = 1e-3, 1e-4, 5  # a high lr, where plain SFT erases what it never asks about (lesson 6 uses 4e-4)
+LR, MIN_LR, WARMUP = 1.5e-3, 1.5e-4, 5  # lesson 6's learning rate
 MAX_LENGTH = 192
 SEED = 0
 
@@ -76,10 +83,13 @@ def replay_examples(tokenizer, path=CORPUS, max_length=MAX_LENGTH):
     return out
 
 
-def fine_tune(base, replay, sft_examples, corpus_examples, steps=STEPS):
-    """One SFT run from the base model, `replay` of each batch from the corpus -> the tuned model."""
+def fine_tune(base, replay, frozen, sft_examples, corpus_examples, steps=STEPS):
+    """One SFT run from the base model, `replay` of each batch from the corpus, the text tokens'
+    embedding rows `frozen` or not -> the tuned model."""
     torch.manual_seed(SEED)
     model, tok = load_pretrained(base, dtype=torch.float32)
+    if frozen:  # New: only the chat markup's rows of the embedding (and of the tied lm_head) learn
+        freeze_text_embeddings(model, tok.added_ids)
     params = [p for p in model.parameters()]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     rng = random.Random(SEED)  # the same SFT conversations in the same order for every setting
@@ -112,15 +122,15 @@ def measure(model, tok, records, subjects, template):
 
 def plot(rows, path):
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [100 * r["replay"] for r in rows]
-    for key, label, style in (("knows", "unseen facts: knows it (completion)", "o--"),
-                              ("says", "unseen facts: says it (chat)", "o-"),
-                              ("seen", "seen facts: says it (chat)", "s:")):
-        ax.plot(xs, [100 * r[key] for r in rows], style, label=label)
-    ax.axhline(100 * rows[0]["base_knows"], color="grey", lw=0.8, label="base model knows (completion)")
-    ax.set_xlabel("replay: % of each SFT batch that is pretraining text")
+    width = 0.27
+    for j, (key, label) in enumerate((("knows", "unseen facts: knows it (completion)"),
+                                      ("says", "unseen facts: says it (chat)"),
+                                      ("seen", "seen facts: says it (chat)"))):
+        ax.bar([i + (j - 1) * width for i in range(len(rows))], [100 * r[key] for r in rows], width, label=label)
+    ax.axhline(100 * rows[0]["base_knows"], color="grey", lw=0.8, ls="--", label="base model knows (completion)")
+    ax.set_xticks(range(len(rows)), [r["setting"] for r in rows])
     ax.set_ylabel("% of held-out test questions")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 115)
     ax.set_title(f"what SFT keeps: {STEPS} steps, lr {LR:g}")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -147,23 +157,25 @@ def main():
     print(f"the base model completes {100 * base_knows:.0f}% of the unseen facts right\n")
 
     rows = []
-    print(f"{'replay':>7} {'knows unseen':>13} {'says unseen':>12} {'says seen':>10} {'format':>7}   (time)")
-    for replay in REPLAY:
+    print(f"{'setting':>22} {'knows unseen':>13} {'says unseen':>12} {'says seen':>10} {'format':>7}   (time)")
+    for name, replay, frozen in SETTINGS:
         t1 = time.perf_counter()
-        model, tok = fine_tune(args.model, replay, sft_examples, corpus_examples)
-        r = dict(measure(model, tok, records, subjects, template), replay=replay, base_knows=base_knows)
+        model, tok = fine_tune(args.model, replay, frozen, sft_examples, corpus_examples)
+        r = dict(measure(model, tok, records, subjects, template), setting=name, replay=replay, frozen=frozen,
+                 base_knows=base_knows)
         rows.append(r)
-        print(f"{100 * replay:6.0f}% {100 * r['knows']:12.1f}% {100 * r['says']:11.1f}% {100 * r['seen']:9.1f}% "
+        print(f"{name:>22} {100 * r['knows']:12.1f}% {100 * r['says']:11.1f}% {100 * r['seen']:9.1f}% "
               f"{100 * r['format']:6.1f}%   ({time.perf_counter() - t1:.0f}s)", flush=True)
 
-    plot(rows, os.path.join(OUT, "replay.png"))
+    plot(rows, os.path.join(OUT, "ablation.png"))
     with open(os.path.join(OUT, "results.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
-    print(f"\nplot: {os.path.join(OUT, 'replay.png')}   ({time.perf_counter() - t0:.0f}s in all)")
-    print("Read it: without replay, SFT teaches the format and the seen answers and overwrites facts the base model\n"
-          "held (knows unseen falls). Replay keeps them stored (knows unseen stays near the base model's), but\n"
-          "each replayed document takes a conversation's place: seen answers, and the unseen ones said in chat,\n"
-          "need more steps. SFT reshapes how stored facts are reached; it does not add them.")
+    print(f"\nplot: {os.path.join(OUT, 'ablation.png')}   ({time.perf_counter() - t0:.0f}s in all)")
+    print("Read it: plain SFT teaches the format and the seen answers, and answers unseen questions with seen\n"
+          "names while the completions it still knows fall. Replay keeps the facts stored, but the chat answers\n"
+          "still reach for seen names. Frozen text embeddings keep every name where pretraining put it, so the\n"
+          "way of answering SFT teaches reaches the unseen facts too: SFT reshapes how stored facts are reached;\n"
+          "it does not add them. Lesson 6's recipe therefore trains with --freeze-embeddings.")
 
 
 if __name__ == "__main__":

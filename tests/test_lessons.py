@@ -105,7 +105,7 @@ def test_lesson6_knobs_are_the_default_recipe():
 
 
 def test_sft_recipe_takes_a_small_lr_for_a_real_model(tmp_path):
-    assert sft_config(str(tmp_path / "a"), DEFAULT_MODEL).lr == SFT_RECIPE["lr"] == 4e-4
+    assert sft_config(str(tmp_path / "a"), DEFAULT_MODEL).lr == SFT_RECIPE["lr"] == 1.5e-3
     other = tmp_path / "SmolLM2-135M"
     other.mkdir()
     real = sft_config(str(tmp_path / "b"), str(other))
