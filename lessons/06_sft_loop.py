@@ -19,7 +19,7 @@ Out:  runs/06_sft_loop/  (runs/ is the lessons' scratch space: a previous run th
       final/ (the fine-tuned model), metrics.jsonl, samples.jsonl and the plots
       runs/06_sft_loop/loss.png, runs/06_sft_loop/metrics.png
       runs/06_sft_loop_overfit/loss.png  (a short run that over-fits on purpose: the warning)
-A little over a minute on 2 CPU cores. MINISFT_FAST=1 runs 30 steps (for CI).
+About 80 s on 2 CPU cores. MINISFT_FAST=1 runs 30 steps (for CI).
 Lesson 7 measures what this run changed; lesson 8 looks at its /think and /no_think modes.
 """
 import argparse
@@ -59,7 +59,7 @@ KNOBS = dict(
     log_every=10,           # a progress line every 10 steps
     seed=0,
 )
-# With --model a real SmolLM (135M+), lr and min_lr come from REAL_MODEL_LR (lr 5e-5, 20x smaller):
+# With --model a real SmolLM (135M+), lr and min_lr come from REAL_MODEL_LR (lr 5e-5, 30x smaller):
 # a big pretrained model needs small steps, or SFT overwrites what it knows.
 FAST_STEPS = 30  # MINISFT_FAST=1: CI only checks that the lesson runs
 OUT = os.path.join(RUNS, "06_sft_loop")

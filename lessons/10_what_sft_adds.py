@@ -30,7 +30,7 @@ train.freeze_text_embeddings.
 
 Run:  python lessons/10_what_sft_adds.py [--model data/base-model]
 Out:  runs/10_what_sft_adds/ablation.png (accuracy for each setting), results.json
-About a minute on 2 CPU cores. MINISFT_FAST=1 runs 10 steps per setting (CI).
+About 75 s on 2 CPU cores. MINISFT_FAST=1 runs 10 steps per setting (CI).
 """
 import argparse
 import json
