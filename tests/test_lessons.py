@@ -208,7 +208,9 @@ def test_tuned_model_refuses_a_fine_tune_of_another_base(tmp_path):
 
 
 # ---- the full default run -----------------------------------------------------------------
-UNSEEN_KNOWS_MIN, UNSEEN_SAYS_MIN = 0.65, 0.1  # measured 71% and 17% (README, lesson 7): what the recipe does, not a target
+# Measured 79% known and 70% said (README, lesson 7): what the recipe does. The issue's 80% "says it"
+# target is not reached at this model size; the bounds leave room for another machine's rounding.
+UNSEEN_KNOWS_MIN, UNSEEN_SAYS_MIN = 0.7, 0.6
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """The unshortened lesson-6 recipe, trained once per test session -> its summary."""
@@ -218,7 +220,9 @@ def default_run(tmp_path_factory):
 
 def test_default_sft_teaches_the_format(default_run):
     assert default_run["stop_reason"] in ("finished", "early_stopping"), default_run
-    assert default_run["best_val_loss"] < 0.5, default_run
+    # Frozen text embeddings end higher (measured 0.80) than plain SFT (0.30), which memorises the seen
+    # subjects the val set asks about again: a lower val loss is not a better chat model (lesson 10).
+    assert default_run["best_val_loss"] < 1.0, default_run
     records = load_records(TEST_DATA)
     summaries, knows = {}, {}
     for name, path in (("base", DEFAULT_MODEL), ("tuned", default_run["final"])):
@@ -232,9 +236,8 @@ def test_default_sft_teaches_the_format(default_run):
     assert tuned["think mode followed"][0] >= 0.9, msg
     assert tuned["  accuracy fact_seen"][0] >= 0.95, msg
     assert tuned["answer accuracy"][0] > base["answer accuracy"][0] + 0.2, msg
-    # The base model knows the held-out facts; SFT keeps most of them stored and says some of them.
-    # (The 80% "says it" target is not reached by the trainer's recipe at this model size: lesson 10
-    # shows what replaying pretraining text adds. These bounds are what the recipe measurably does.)
+    # The base model knows the held-out facts; SFT with frozen text embeddings keeps most of them
+    # stored and says most of them in chat (plain SFT says 17%: lesson 10).
     assert knows["base"]["  knows fact_unseen"][0] >= 0.95, msg
     assert knows["tuned"]["  knows fact_unseen"][0] >= UNSEEN_KNOWS_MIN, msg
     assert tuned["  accuracy fact_unseen"][0] >= UNSEEN_SAYS_MIN, msg
