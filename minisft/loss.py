@@ -20,7 +20,6 @@ Shapes: B batch, T sequence length, V vocab size, D hidden size, N target tokens
 """
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -101,8 +100,8 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
     Two savings. First, masked positions are dropped BEFORE the output projection: in SFT most
     tokens are prompt or padding, and their logits would only be thrown away. Second, the N
     remaining rows are projected `chunk_size` at a time, so at most [chunk_size, V] float32 logits
-    exist at once. Each chunk runs under activation checkpointing: autograd keeps only the chunk's
-    inputs and recomputes its logits during backward, instead of keeping every chunk's logits.
+    exist at once: backward keeps only the rows and each row's logsumexp, and projects each chunk
+    again (_LinearCrossEntropy says how).
     """
     _check(hidden, labels, "hidden")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -111,22 +110,74 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
         raise ValueError(f"loss.py: chunk_size must be >= 1, got {chunk_size}")
     h, targets = _select_targets(hidden, labels)  # [N, D], [N]
     _check_ids(targets, weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_size), targets.numel()
 
-    def chunk_loss(h_chunk, weight, t_chunk):
-        # F.linear in the model's dtype, exactly what lm_head does, then float32 maths.
-        return _nll_sum(F.linear(h_chunk, weight), t_chunk)
 
-    # Recomputing is only worth it when a backward pass will follow.
-    saving = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    n = targets.numel()
-    # With no target, one empty chunk still gives a 0.0 connected to hidden and weight.
-    starts = range(0, n, chunk_size) if n else [0]
-    loss_sum = None
-    for s in starts:
-        args = (h[s:s + chunk_size], weight, targets[s:s + chunk_size])
-        part = checkpoint(chunk_loss, *args, use_reentrant=False) if saving else chunk_loss(*args)
-        loss_sum = part if loss_sum is None else loss_sum + part
-    return loss_sum, n
+def _mm_dtype(t):
+    """The dtype lm_head's matmul runs in: autocast's (bfloat16 on CUDA) when it is on, else t's own."""
+    on = torch.is_autocast_enabled(t.device.type)
+    return torch.get_autocast_dtype(t.device.type) if on and t.is_floating_point() else t.dtype
+
+
+def _chunk_buffer(hc, wc, chunk_size):
+    """One [min(chunk_size, N), V] buffer that every chunk's logits are written into: a fresh tensor
+    of this size per chunk would be fresh memory the OS hands out page by page, each time."""
+    return torch.empty(min(chunk_size, max(hc.shape[0], 1)), wc.shape[0], dtype=hc.dtype, device=hc.device)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of logsumexp(h W^T) - (h W^T)[target], with a hand-written backward.
+
+    h [N, D], weight [V, D], targets [N] -> 0-dim loss sum.
+
+    The gradient of -log softmax(x)[t] with respect to the logits x is softmax(x) - onehot(t): no
+    more than the logits and their logsumexp are needed. So forward keeps lse [N] (4 bytes a row),
+    and backward projects each chunk again and turns its logits into that gradient in place:
+    subtract lse, exp (now softmax), subtract 1 at the target, scale by the incoming gradient. Then
+    two matmuls give dh and dW. Left to autograd, the same maths would save the chunk's max and
+    exp, and walk [chunk, V] tensors through gather, exp, sub and log backwards one by one: three
+    times the passes over the largest tensor of the step, and more of them alive at once.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        dtype = _mm_dtype(h)
+        hc, wc = h.to(dtype), weight.to(dtype)
+        lse = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)  # [N]
+        loss = torch.zeros((), dtype=lse.dtype, device=h.device)
+        buf = _chunk_buffer(hc, wc, chunk_size)
+        for s in range(0, h.shape[0], chunk_size):
+            rows = slice(s, s + chunk_size)
+            x = _float32(torch.mm(hc[rows], wc.t(), out=buf[:hc[rows].shape[0]]))  # [c, V] logits
+            target_logit = x.gather(-1, targets[rows, None]).squeeze(-1)  # [c], read before x is overwritten
+            # _logsumexp's maths, in place: no second and third [c, V] tensor.
+            m = x.max(dim=-1, keepdim=True).values
+            lse[rows] = x.sub_(m).exp_().sum(dim=-1).log() + m.squeeze(-1)
+            loss += (lse[rows] - target_logit).sum()
+        ctx.save_for_backward(h, weight, targets, lse)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad: 0-dim, d(what the caller computed)/d(loss sum)
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        hc, wc = h.to(ctx.dtype), weight.to(ctx.dtype)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None
+        buf = _chunk_buffer(hc, wc, ctx.chunk_size)
+        for s in range(0, h.shape[0], ctx.chunk_size):
+            rows = slice(s, s + ctx.chunk_size)
+            d = _float32(torch.mm(hc[rows], wc.t(), out=buf[:hc[rows].shape[0]]))  # [c, V]: the logits again
+            d.sub_(lse[rows, None]).exp_()  # softmax
+            d[torch.arange(d.shape[0], device=d.device), targets[rows]] -= 1  # - onehot(target)
+            d = d.mul_(grad).to(ctx.dtype)  # dloss/dlogits, in the matmul's dtype (as autograd would)
+            if need_h:
+                dh[rows] = d @ wc  # [c, D]
+            if need_w:
+                dw += d.t() @ hc[rows]  # [V, D]
+        return dh, dw, None, None
 
 
 @torch.no_grad()
