@@ -171,13 +171,16 @@ def activation_bytes(cfg, batch, length, bf16, lora_r=0, lora_targets="all-linea
             "per_layer": layer}
 
 
-def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype):
-    """The loss's largest moment: one chunk's [chunk, V] float32 logits, their exp and their gradient
-    (+ the bf16 logits under bf16, + a bf16 copy of a float32 lm_head weight that autocast makes)."""
+def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype, weight_trains=True):
+    """The loss's largest moment, in its backward (loss.py's _LinearCrossEntropy): one chunk's
+    [chunk, V] logits, turned into their gradient in place (float32; under bf16 also the bf16 logits
+    and the bf16 gradient), the bf16 copy of a float32 lm_head weight under bf16, and the [V, D]
+    float32 gradient of lm_head before autograd adds it to .grad (when the weight trains)."""
     chunk = min(LOSS_CHUNK, batch * (length - 1))
-    per_logit = 4 + 4 + 4 + (2 if bf16 else 0)
+    per_logit = 2 + 4 + 2 if bf16 else 4
     weight_copy = 2 * cfg.vocab_size * cfg.hidden_size if bf16 and weight_dtype == torch.float32 else 0
-    return chunk * cfg.vocab_size * per_logit + weight_copy
+    weight_grad = 4 * cfg.vocab_size * cfg.hidden_size if weight_trains else 0
+    return chunk * cfg.vocab_size * per_logit + weight_copy + weight_grad
 
 
 def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear", grad_checkpointing=False,
@@ -195,7 +198,8 @@ def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear",
     parts = state_bytes(full)
     acts = activation_bytes(cfg, batch_size, length, bf16, lora_r, lora_targets, grad_checkpointing)
     parts["activations"], parts["loss"] = acts["activations"], acts["loss"]
-    parts["transient"] = max(loss_transient_bytes(cfg, batch_size, length, bf16, full.lm_head.weight.dtype),
+    parts["transient"] = max(loss_transient_bytes(cfg, batch_size, length, bf16, full.lm_head.weight.dtype,
+                                                  weight_trains=not lora_r),
                              acts["block"])
     total = sum(parts[p] for p in PARTS)
     counted = (f"at length {length}" if length <= COUNT_LENGTH else f"at lengths {COUNT_LENGTH // 2} and "
