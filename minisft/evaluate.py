@@ -47,7 +47,7 @@ SFT_RECIPE = dict(
     # Frozen text embeddings (lesson 10): with every weight trainable, the model answers questions about
     # the facts SFT never shows with the names it does show (300 steps at 4e-4: 11 of 66 held-out
     # facts said in chat); with the text tokens' rows frozen it says most of them, and a higher lr
-    # is then safe and needed for the format in 300 steps (1e-3: 42/66, 1.5e-3: 46/66).
+    # is then safe and needed for the format in 300 steps (1e-3: 42/66, 1.5e-3: 45-46/66).
     lr=1.5e-3, min_lr=1.5e-4, warmup_ratio=0.05, weight_decay=0.0, freeze_embeddings=True,
     max_length=192,  # all but ~20 of 3000 conversations fit (the others lose trailing turns)
     packing=True,  # micro-batches of ~8 conversations of tokens, packed: little padding (lesson 11)
