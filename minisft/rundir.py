@@ -19,6 +19,7 @@ The rules that make a run safe to stop at any moment, and to resume:
   samples.jsonl is being appended leaves a torn last line: --resume drops it with a note.
 - Ctrl-C stops cleanly after the current step and writes a checkpoint; a second Ctrl-C stops at once.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -147,10 +148,13 @@ class RunFolder:
         processes must be those of the checkpoint: else the resumed half would be another run."""
         ckpt = list_checkpoints(self.ckpt_dir)[-1]
         saved = load_checkpoint(ckpt, model, optimizer)
+        # A setting newer than the checkpoint is missing from it: the run had that setting's default.
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         for k in TRAJECTORY_KEYS:
-            if saved["config"].get(k) != getattr(cfg, k):
+            was = saved["config"].get(k, defaults[k])
+            if was != getattr(cfg, k):
                 raise ValueError(f"--resume: {flag(k)}={getattr(cfg, k)!r} differs from the checkpoint's "
-                                 f"{saved['config'].get(k)!r} ({ckpt}/state.json); use the same settings or a new --out")
+                                 f"{was!r} ({ckpt}/state.json); use the same settings or a new --out")
         if saved["world_size"] != world:
             raise ValueError(f"--resume: the run used {saved['world_size']} processes, now {world} "
                              f"(the global batch would change)")

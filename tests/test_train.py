@@ -436,3 +436,22 @@ def test_freeze_embeddings_resume_is_exact(tiny, tmp_path):
 def test_freeze_embeddings_with_lora_is_an_error(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"--freeze-embeddings=True: expected no value with --lora-r"):
         T.train(config(tiny, tmp_path / "x", freeze_embeddings=True, lora_r=4))
+
+
+def test_resume_a_checkpoint_older_than_a_setting(tiny, tmp_path):
+    """A checkpoint written before --freeze-embeddings existed has no such key: it ran with the default."""
+    T.train(config(tiny, tmp_path / "old", max_steps=4, sample_every=0, stop_after_step=2))
+    state = tmp_path / "old" / "checkpoints" / "step_000002" / "state.json"
+    saved = json.loads(state.read_text())
+    del saved["config"]["freeze_embeddings"]
+    state.write_text(json.dumps(saved))
+    done = T.train(config(tiny, tmp_path / "old", max_steps=4, sample_every=0, resume=True))
+    assert done["steps"] == 4 and not done["interrupted"]
+    # ... and a different value than that default is still refused
+    T.train(config(tiny, tmp_path / "old2", max_steps=4, sample_every=0, stop_after_step=2))
+    state = tmp_path / "old2" / "checkpoints" / "step_000002" / "state.json"
+    saved = json.loads(state.read_text())
+    del saved["config"]["freeze_embeddings"]
+    state.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"--freeze-embeddings=True differs from the checkpoint's False"):
+        T.train(config(tiny, tmp_path / "old2", max_steps=4, sample_every=0, freeze_embeddings=True, resume=True))
