@@ -15,7 +15,8 @@ The maths is written out by hand (log-softmax as x - logsumexp(x), then a gather
 so nothing is hidden in F.cross_entropy. `chunked_cross_entropy` computes the same numbers from
 the hidden states without ever holding the full [tokens, V] float32 logits, which for a
 49k-token vocabulary are the largest tensor of the whole step; its backward is written by hand too
-(the gradient of cross-entropy is softmax minus the one-hot target: lesson 11 measures what it saves).
+(the gradient of cross-entropy is softmax minus the one-hot target; the README's benchmark section
+measures what that saves).
 
 Shapes: B batch, T sequence length, V vocab size, D hidden size, N target tokens.
 """
