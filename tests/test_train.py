@@ -440,18 +440,17 @@ def test_freeze_embeddings_with_lora_is_an_error(tiny, tmp_path):
 
 def test_resume_a_checkpoint_older_than_a_setting(tiny, tmp_path):
     """A checkpoint written before --freeze-embeddings existed has no such key: it ran with the default."""
-    T.train(config(tiny, tmp_path / "old", max_steps=4, sample_every=0, stop_after_step=2))
-    state = tmp_path / "old" / "checkpoints" / "step_000002" / "state.json"
-    saved = json.loads(state.read_text())
-    del saved["config"]["freeze_embeddings"]
-    state.write_text(json.dumps(saved))
+    def old_checkpoint(out):  # a run stopped after 2 steps, its state.json without the newer key
+        T.train(config(tiny, out, max_steps=4, sample_every=0, stop_after_step=2))
+        state = out / "checkpoints" / "step_000002" / "state.json"
+        saved = json.loads(state.read_text())
+        del saved["config"]["freeze_embeddings"]
+        state.write_text(json.dumps(saved))
+
+    old_checkpoint(tmp_path / "old")
     done = T.train(config(tiny, tmp_path / "old", max_steps=4, sample_every=0, resume=True))
     assert done["steps"] == 4 and not done["interrupted"]
     # ... and a different value than that default is still refused
-    T.train(config(tiny, tmp_path / "old2", max_steps=4, sample_every=0, stop_after_step=2))
-    state = tmp_path / "old2" / "checkpoints" / "step_000002" / "state.json"
-    saved = json.loads(state.read_text())
-    del saved["config"]["freeze_embeddings"]
-    state.write_text(json.dumps(saved))
+    old_checkpoint(tmp_path / "old2")
     with pytest.raises(ValueError, match=r"--freeze-embeddings=True differs from the checkpoint's False"):
         T.train(config(tiny, tmp_path / "old2", max_steps=4, sample_every=0, freeze_embeddings=True, resume=True))
