@@ -671,7 +671,12 @@ def to_device(batch, device):
     """Move a collated batch to `device`. An attention mask of all ones (no padding, no packing)
     is dropped: the model then uses the plain causal mask, which is faster."""
     plain = bool((batch["attention_mask"] == 1).all())  # checked before the copy: no GPU sync
-    batch = {k: v.to(device) for k, v in batch.items()}
+    if torch.device(device).type == "cuda":
+        # Page-locked host memory lets the copy run by DMA while the GPU still works on the last
+        # micro-batch (non_blocking); from ordinary memory CUDA first stages it through a pinned buffer.
+        batch = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    else:
+        batch = {k: v.to(device) for k, v in batch.items()}
     if plain:
         batch["attention_mask"] = None
     return batch

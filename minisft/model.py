@@ -283,13 +283,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=bias)
 
     def forward(self, x, cos, sin, attn_mask, cache):
-        """x [B, T, D] -> [B, T, D]. attn_mask: None (plain causal) or bool [B, 1, T, S]."""
+        """x [B, T, D] -> [B, T, D]. attn_mask: None (plain causal), bool [B, 1, T, S], or a
+        list of (row, start, end) spans, one per conversation of packed rows (conversation_spans)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, KV, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(attn_mask, list):
+            return self.o_proj(self.per_conversation(q, k, v, attn_mask))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, KV, S, hd]
         # Without a mask and without a cache, SDPA's own causal flag is fastest. A single new
@@ -301,6 +304,29 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def per_conversation(self, q, k, v, spans):
+        """q [B, H, T, hd], k, v [B, KV, T, hd], spans [(row, start, end)] -> [B, T, H * hd].
+
+        A packed row holds several conversations. One masked call would compute every query-key
+        pair of the row and throw the cross-conversation ones away; SDPA's kernels cannot skip
+        them. One causal call per conversation computes only the pairs that count: with SmolLM2-135M's
+        heads, 2 rows of 1024 tokens in 4 conversations each, a layer's attention forward + backward
+        takes ~0.65x the time of the masked call on a CPU, and no [B, 1, T, T] mask is built.
+        Positions outside every span (padding) get zeros: they carry no loss and are never read.
+        """
+        B, H, T, hd = q.shape
+        pieces, pos = [], 0  # pieces cover the flattened [B * T] positions in order
+        for b, s, e in spans:
+            if b * T + s > pos:
+                pieces.append(q.new_zeros(b * T + s - pos, H * hd))
+            y = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                               is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+            pieces.append(y[0].transpose(0, 1).reshape(e - s, H * hd))
+            pos = b * T + e
+        if B * T > pos:
+            pieces.append(q.new_zeros(B * T - pos, H * hd))
+        return torch.cat(pieces).view(B, T, H * hd)
 
 
 class SwiGLUFn(torch.autograd.Function):
@@ -392,6 +418,23 @@ def build_attn_mask(attention_mask, past, T, device):
     return (causal[None] & same)[:, None]
 
 
+def conversation_spans(attention_mask):
+    """attention_mask [B, T] of sequence ids -> [(row, start, end), ...] in row-major order, one per
+    conversation (a run of equal nonzero ids), or None when some id of a row is not one contiguous
+    run: then only a mask can say who sees whom."""
+    B, T = attention_mask.shape
+    change = torch.ones(B, T, dtype=torch.bool, device=attention_mask.device)
+    change[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]
+    rows, starts = change.nonzero(as_tuple=True)  # every run's first position
+    ids = attention_mask[rows, starts].tolist()
+    rows, starts = rows.tolist(), starts.tolist()
+    ends = [s2 if b2 == b else T for b, b2, s2 in zip(rows, rows[1:] + [None], starts[1:] + [T])]
+    spans = [(b, s, e) for b, s, e, i in zip(rows, starts, ends, ids) if i != 0]
+    if len({(b, i) for b, i in zip(rows, ids) if i != 0}) != len(spans):
+        return None  # an id that comes back later in its row
+    return spans
+
+
 class SmolLM(nn.Module):
     """The decoder-only language model. forward: input_ids [B, T] -> logits [B, T, V]."""
 
@@ -441,7 +484,10 @@ class SmolLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        attn_mask = build_attn_mask(attention_mask, past, T, input_ids.device)
+        spans = None
+        if cache is None and attention_mask is not None and not right_padded(attention_mask):
+            spans = conversation_spans(attention_mask)  # packed rows: one causal attention per conversation
+        attn_mask = spans or build_attn_mask(attention_mask, past, T, input_ids.device)
         # Checkpointing keeps only each block's input [B, T, D] for backward and runs the block
         # again to get the rest. Only when a backward will follow, and never with a cache: a
         # recomputed block would append its keys and values to the cache a second time.

@@ -5,7 +5,8 @@ import torch
 
 from minisft import data
 from minisft.generate import generate
-from minisft.model import KVCache, build_attn_mask, right_padded
+from minisft import model as model_module
+from minisft.model import KVCache, build_attn_mask, conversation_spans, right_padded
 from test_data import PAD, assert_same, loss_and_grads, random_examples, separate_loss_and_grads, tiny_model
 
 
@@ -84,6 +85,42 @@ def test_right_padded_batches_take_the_causal_path_with_equal_results():
     assert not right_padded(packed["attention_mask"])
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert not right_padded(left) and build_attn_mask(left, 0, 4, "cpu") is not None
+
+
+def test_conversation_spans_are_the_runs_of_each_row():
+    mask = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 2, 0]])
+    assert conversation_spans(mask) == [(0, 0, 2), (0, 2, 5), (1, 0, 6), (2, 2, 4), (2, 4, 5)]
+    assert conversation_spans(torch.tensor([[1, 2, 1, 0]])) is None  # an id split in two: only a mask says it
+    assert conversation_spans(torch.tensor([[0, 0, 0]])) == []
+
+
+def test_packed_rows_attend_per_conversation_with_the_masked_results(monkeypatch):
+    """Packed rows (and left padding without a cache) run one causal attention per conversation;
+    outputs at real positions and every gradient equal the masked path's."""
+    model = tiny_model(seed=8)
+    examples = random_examples([9, 14, 5, 7, 3, 12, 6], seed=8)
+    packed = data.collate(data.pack_examples(examples, 24), PAD)
+    assert packed["attention_mask"].max() > 1 and (packed["attention_mask"] == 0).any()  # several convs + padding
+    calls = []
+    per_conversation = model_module.Attention.per_conversation
+    monkeypatch.setattr(model_module.Attention, "per_conversation",
+                        lambda self, *a: calls.append(1) or per_conversation(self, *a))
+    split = loss_and_grads(model, packed)
+    assert len(calls) == model.config.num_hidden_layers  # the span path ran in every layer
+    monkeypatch.setattr(model_module, "conversation_spans", lambda mask: None)  # force the dense mask
+    masked = loss_and_grads(model, packed)
+    assert len(calls) == model.config.num_hidden_layers
+    assert_same(split, masked, tol=1e-10)
+    assert_same(split, separate_loss_and_grads(model, examples))
+    # Left padding (batched generation without a cache): the real positions' logits agree too.
+    monkeypatch.undo()
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(8))
+    left = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    pos = (left.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = model(ids, position_ids=pos, attention_mask=left)
+        alone = model(ids[:1, 3:])
+    assert torch.allclose(got[0, 3:], alone[0], atol=1e-10, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
