@@ -181,16 +181,17 @@ class RMSNormFn(torch.autograd.Function):
     def backward(ctx, dy):  # dy [..., D]
         x, weight, rstd = ctx.saved_tensors
         n = x.to(rstd.dtype) * rstd  # [..., D] in the forward's maths dtype
-        nx = n.to(x.dtype)  # what the forward multiplied by weight
         dx = dw = None
+        if ctx.needs_input_grad[1]:  # n.to(x.dtype) is what the forward multiplied by weight
+            dw = (dy * n.to(x.dtype)).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)  # over every leading dim
         if ctx.needs_input_grad[0]:
             # The gradient reaches n through the cast, so it is rounded to x's dtype first, as
             # autograd would. Then d/dx of x * rsqrt(mean(x^2) + eps) applied to g:
-            # rstd * (g - n * mean(g * n)).
+            # rstd * (g - n * mean(g * n)), in place on g: a new tensor, and this backward is
+            # mostly memory traffic over [..., D].
             g = (dy * weight).to(x.dtype).to(rstd.dtype)
-            dx = (rstd * (g - n * (g * n).mean(-1, keepdim=True))).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (dy * nx).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)  # sum over every leading dim
+            mean_gn = torch.linalg.vecdot(g, n).unsqueeze(-1) / n.shape[-1]  # [..., 1]
+            dx = g.addcmul_(n, mean_gn, value=-1).mul_(rstd).to(x.dtype)
         return dx, dw, None
 
 
@@ -351,10 +352,12 @@ class SwiGLUFn(torch.autograd.Function):
             # silu' in at least float32, as PyTorch's own silu backward does for bfloat16; the
             # gradient reaching silu(g) is rounded to g's dtype first, as autograd would.
             gf = g.to(torch.promote_types(g.dtype, torch.float32))
+            # In place on new tensors: this backward over [..., I] is mostly memory traffic.
             s = torch.sigmoid(gf)
-            dg = ((dh * u).to(g.dtype).to(gf.dtype) * s * (1 + gf * (1 - s))).to(g.dtype)
+            dsilu = torch.sub(1, s).mul_(gf).add_(1).mul_(s)  # s * (1 + g * (1 - s))
+            dg = (dh * u).to(g.dtype).to(gf.dtype).mul_(dsilu).to(g.dtype)
         if ctx.needs_input_grad[1]:
-            du = (dh * F.silu(g)).to(u.dtype)
+            du = F.silu(g).mul_(dh).to(u.dtype)
         return dg, du
 
 
