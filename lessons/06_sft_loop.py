@@ -32,7 +32,7 @@ RUNS = os.environ.get("MINISFT_RUNS", os.path.join(ROOT, "runs"))  # where run o
 sys.path.insert(0, ROOT)
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import REAL_MODEL_LR, TRAIN_DATA, same_model, sft_config
+from minisft.evaluate import REAL_MODEL_RECIPE, TRAIN_DATA, same_model, sft_config
 from minisft.generate import chat
 from minisft.train import train
 from minisft.weights import load_pretrained
@@ -47,6 +47,7 @@ KNOBS = dict(
     lr=1.5e-3,              # peak learning rate
     min_lr=1.5e-4,          # the cosine ends here, not at 0
     freeze_embeddings=True, # New (lesson 10): text tokens keep their pretrained embedding rows
+    freeze_top_mlps=2,      # New (lesson 10): and the MLPs of the last 2 of 4 blocks their pretrained weights
     warmup_ratio=0.05,      # 5% linear warmup
     weight_decay=0.0,       # little data, few steps: no need to pull weights to 0
     max_length=192,         # tokens per conversation (longer ones lose trailing turns)
@@ -59,8 +60,8 @@ KNOBS = dict(
     log_every=10,           # a progress line every 10 steps
     seed=0,
 )
-# With --model a real SmolLM (135M+), lr and min_lr come from REAL_MODEL_LR (lr 5e-5, 30x smaller):
-# a big pretrained model needs small steps, or SFT overwrites what it knows.
+# With --model a real SmolLM (135M+), lr and min_lr come from REAL_MODEL_RECIPE (lr 5e-5, 30x smaller:
+# a big pretrained model needs small steps, or SFT overwrites what it knows), and every MLP trains.
 FAST_STEPS = 30  # MINISFT_FAST=1: CI only checks that the lesson runs
 OUT = os.path.join(RUNS, "06_sft_loop")
 # New: a second, short run that over-fits on purpose, to see the trainer's over-fitting warning.
@@ -78,13 +79,13 @@ def main():
     p.add_argument("--model", default=DEFAULT_MODEL, help="base model folder or Hub id")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {KNOBS['max_steps']})")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default {KNOBS['lr']:g}; {REAL_MODEL_LR['lr']:g} with another --model)")
+                   help=f"peak learning rate (default {KNOBS['lr']:g}; {REAL_MODEL_RECIPE['lr']:g} with another --model)")
     p.add_argument("--out", default=OUT, help="run folder (replaced if it holds a run)")
     args = p.parse_args()
 
     knobs = dict(KNOBS)
     if not same_model(args.model, DEFAULT_MODEL):
-        knobs.update(REAL_MODEL_LR)
+        knobs.update(REAL_MODEL_RECIPE)
     if os.environ.get("MINISFT_FAST", "0") not in ("", "0"):
         knobs.update(max_steps=FAST_STEPS, eval_every=10, sample_every=FAST_STEPS, plot_every=10)
     if args.steps is not None:

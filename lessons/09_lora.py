@@ -49,7 +49,7 @@ from minisft.loss import batch_loss
 from minisft.plot import plot_runs, read_metrics
 from minisft.rundir import saved_config
 from minisft.tokenizer import Tokenizer
-from minisft.train import param_groups, train
+from minisft.train import freeze_top_mlps, param_groups, train
 from minisft.weights import load_pretrained, save_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
@@ -62,7 +62,8 @@ LORA = dict(
     lora_targets="all-linear", # q, k, v, o, gate, up, down of every layer (never lm_head / the embedding)
     lora_dropout=0.0,          # little data, few steps: no need
     lr=1e-2, min_lr=1e-3,      # New: ~7x lesson 6's lr: B starts at 0 and B A is a thin path, it needs big steps
-    freeze_embeddings=False,   # LoRA freezes every base weight, the embedding included
+    freeze_embeddings=False,   # LoRA freezes every base weight, the embedding included ...
+    freeze_top_mlps=0,         # ... and every MLP
 )
 # How 1e-2 was chosen, 30-step runs of this recipe (val loss after 30 steps; full fine-tuning at 1e-3: 1.53):
 #   LoRA lr 1e-2 -> 2.84     LoRA lr 3e-2 -> 5.72 (the train loss jumped from 5 to 12.8 at step 3)
@@ -102,6 +103,8 @@ def memory_of_one_step(base, lora, batch):
     model, _ = load_pretrained(base, dtype=torch.float32, device="cpu")
     if lora:
         add_lora(model, lora["lora_r"], lora["lora_alpha"], lora["lora_dropout"], lora["lora_targets"])
+    else:  # as lesson 6's run: the recipe keeps the upper blocks' MLPs frozen (lesson 10)
+        freeze_top_mlps(model, sft_config(OUT, model=base).freeze_top_mlps)
     model.train()
     trainable, total = count_parameters(model)
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-12)  # as train.py builds it; the step is ~0

@@ -42,6 +42,7 @@ HELP = {
     "val_split": "split of --val-data when it is a Hub dataset or folder",
     "max_examples": "train on the first N conversations only",
     "freeze_embeddings": "train only the chat tokens' embedding rows (text tokens keep their pretrained rows)",
+    "freeze_top_mlps": "keep the MLPs of the last N decoder blocks as pretraining left them (0 = none)",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.

@@ -75,6 +75,7 @@ class TrainConfig:
     base_dtype: str = "auto"  # the frozen base with LoRA: float32 | bfloat16 | auto (bfloat16 on CUDA)
     # -- what full fine-tuning may change (lesson 10)
     freeze_embeddings: bool = False  # keep the text tokens' embedding rows as pretraining left them
+    freeze_top_mlps: int = 0  # keep the MLPs of the last N decoder blocks as pretraining left them
     # -- the machine
     device: str | None = None  # cuda | mps | cpu; None: the best available
     dtype: str = "auto"  # float32 | bfloat16 (autocast, weights stay float32) | auto: bfloat16 on CUDA
@@ -89,7 +90,7 @@ TRAJECTORY_KEYS = ("model", "data", "data_subset", "data_split", "max_examples",
                    "skip_bad", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "warmup_ratio", "max_steps",
                    "epochs", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "chunked_loss",
                    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "base_dtype",
-                   "freeze_embeddings")
+                   "freeze_embeddings", "freeze_top_mlps")
 
 
 def looks_like_hub_id(spec):
@@ -161,6 +162,10 @@ def check_config(cfg):
         raise bad("base_dtype", "float32 or auto without --lora-r (a frozen base needs LoRA)")
     if cfg.freeze_embeddings and cfg.lora_r:
         raise bad("freeze_embeddings", "no value with --lora-r (LoRA already keeps every base weight frozen)")
+    if cfg.freeze_top_mlps < 0:
+        raise bad("freeze_top_mlps", "an integer >= 0 (0 = every MLP trains)")
+    if cfg.freeze_top_mlps and cfg.lora_r:
+        raise bad("freeze_top_mlps", "0 with --lora-r (LoRA already keeps every base weight frozen)")
     if cfg.template is not None and cfg.template not in chat_template.TEMPLATES:
         raise bad("template", f"one of {', '.join(chat_template.TEMPLATES)}")
     if cfg.train_on not in chat_template.TRAIN_ON:

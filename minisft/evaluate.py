@@ -49,6 +49,9 @@ SFT_RECIPE = dict(
     # facts said in chat); with the text tokens' rows frozen it says most of them, and a higher lr
     # is then safe and needed for the format in 300 steps (1e-3: 42/66, 1.5e-3: 45-46/66).
     lr=1.5e-3, min_lr=1.5e-4, warmup_ratio=0.05, weight_decay=0.0, freeze_embeddings=True,
+    # The MLPs of the upper two of the default model's four blocks stay frozen too (lesson 10): trained,
+    # they learn the seen answers by heart and lend their subjects to questions about unseen ones.
+    freeze_top_mlps=2,
     max_length=192,  # all but ~20 of 3000 conversations fit (the others lose trailing turns)
     packing=True,  # micro-batches of ~8 conversations of tokens, packed: little padding (lesson 11)
     eval_every=25, patience=4, sample_every=100, plot_every=50, save_every=0, log_every=10, seed=0,
@@ -56,8 +59,9 @@ SFT_RECIPE = dict(
 # A real SmolLM (135M parameters and up) was pretrained on trillions of tokens: steps as large as the
 # tiny model's overwrite what it knows. After 30 steps of this recipe but at lr 1e-3, SmolLM2-135M-Instruct
 # says the capital of France is "Solven" and a clear sky is golden; at 5e-5 it still says Paris and blue.
-# With any model but the embedded default, the recipe takes the usual SFT learning rate instead.
-REAL_MODEL_LR = dict(lr=5e-5, min_lr=5e-6)
+# With any model but the embedded default, the recipe takes the usual SFT learning rate instead, and
+# trains every MLP (which blocks hold what is a finding about the default model, not a rule).
+REAL_MODEL_RECIPE = dict(lr=5e-5, min_lr=5e-6, freeze_top_mlps=0)
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the checkout's data/
 TRAIN_DATA, VAL_DATA, TEST_DATA = (os.path.join(DATA_DIR, f"sft_{s}.jsonl") for s in ("train", "val", "test"))
 ROLE_HEADER = re.compile(r"(^|\n)(user|assistant|system)[ \t]*(\n|$)")
@@ -65,11 +69,11 @@ KINDS = ("arithmetic", "fact_seen", "fact_unseen")
 
 
 def sft_config(out, model=DEFAULT_MODEL, **overrides):
-    """The TrainConfig of the default SFT run (SFT_RECIPE, with REAL_MODEL_LR unless `model` is the
+    """The TrainConfig of the default SFT run (SFT_RECIPE, with REAL_MODEL_RECIPE unless `model` is the
     embedded default), writing to `out`; overrides win."""
     from minisft.train import TrainConfig  # imported here: evaluating needs no trainer
 
-    recipe = dict(SFT_RECIPE, **({} if same_model(model, DEFAULT_MODEL) else REAL_MODEL_LR))
+    recipe = dict(SFT_RECIPE, **({} if same_model(model, DEFAULT_MODEL) else REAL_MODEL_RECIPE))
     return TrainConfig(**{**dict(model=model, data=TRAIN_DATA, val_data=VAL_DATA, out=out, overwrite=True),
                           **recipe, **overrides})
 

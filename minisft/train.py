@@ -139,6 +139,28 @@ def freeze_text_embeddings(model, trainable_ids):
         p.register_hook(lambda grad, rows=rows: grad * rows)
 
 
+def freeze_top_mlps(model, n):
+    """Keep the MLPs of the last n decoder blocks as pretraining left them. Lesson 10.
+
+    Why: an MLP works as a key-value memory (its first matrices match a pattern of the hidden state,
+    its last one writes what goes with it), and an upper block's MLP writes close to the output.
+    Trained on the same few questions again and again, the upper MLPs learn the seen answers by heart,
+    whole: asked about an animal SFT never showed, the model writes the colour pretraining stored for
+    it, but attached to a seen animal of that colour, whose answer sentence the MLPs now hold. Frozen,
+    they keep what pretraining put there; attention and the lower blocks still learn the chat format
+    and how to reach a stored fact. Measured on the default model (lesson 10, README): held-out facts
+    said in chat at 68-86% over four seeds, against 67-70% with every MLP trained.
+
+    Frozen weights have requires_grad False: no gradient is computed for them and AdamW never sees
+    them (param_groups leaves them out).
+    """
+    layers = model.model.layers
+    if n > len(layers):
+        raise ValueError(f"--freeze-top-mlps={n}: expected at most {len(layers)} (the model has {len(layers)} decoder blocks)")
+    for block in list(layers)[len(layers) - n:]:
+        block.mlp.requires_grad_(False)
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: weight decay on the weight matrices of the linear layers, nowhere else.
 
@@ -248,6 +270,8 @@ def train(cfg):
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.freeze_embeddings:  # New in lesson 10: the text tokens keep their pretrained embedding rows
         freeze_text_embeddings(model, tokenizer.added_ids)
+    if cfg.freeze_top_mlps:  # New in lesson 10: so do the MLPs of the upper blocks
+        freeze_top_mlps(model, cfg.freeze_top_mlps)
     model.grad_checkpointing = cfg.grad_checkpointing
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_cuda_bf16)
     device_type = torch.device(device).type

@@ -438,6 +438,32 @@ def test_freeze_embeddings_with_lora_is_an_error(tiny, tmp_path):
         T.train(config(tiny, tmp_path / "x", freeze_embeddings=True, lora_r=4))
 
 
+# ---- --freeze-top-mlps (lesson 10) -------------------------------------------------------------
+def test_freeze_top_mlps_keeps_the_last_blocks_mlps_and_resumes_exactly(tiny, tmp_path):
+    from safetensors.torch import load_file
+    top = tiny["cfg"].num_hidden_layers - 1
+    full = T.train(config(tiny, tmp_path / "full", freeze_top_mlps=1, max_steps=4, sample_every=0))
+    before, after = load_file(os.path.join(tiny["model"], "model.safetensors")), final_weights(full["out"])
+    frozen = [k for k in before if k.startswith(f"model.layers.{top}.mlp.")]
+    assert len(frozen) == 3 and all(torch.equal(before[k], after[k]) for k in frozen)
+    for k in (f"model.layers.{top}.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"):
+        assert not torch.equal(before[k], after[k]), k  # the rest of the model trains
+    T.train(config(tiny, tmp_path / "part", freeze_top_mlps=1, max_steps=4, sample_every=0, stop_after_step=2))
+    done = T.train(config(tiny, tmp_path / "part", freeze_top_mlps=1, max_steps=4, sample_every=0, resume=True))
+    dw = final_weights(done["out"])
+    assert all(torch.equal(after[k], dw[k]) for k in after)
+
+
+@pytest.mark.parametrize("kw, error", [
+    (dict(freeze_top_mlps=-1), r"--freeze-top-mlps=-1: expected an integer >= 0"),
+    (dict(freeze_top_mlps=1, lora_r=4), r"--freeze-top-mlps=1: expected 0 with --lora-r"),
+    (dict(freeze_top_mlps=99), r"--freeze-top-mlps=99: expected at most \d+ \(the model has \d+ decoder blocks\)"),
+])
+def test_freeze_top_mlps_errors(tiny, tmp_path, kw, error):
+    with pytest.raises(ValueError, match=error):
+        T.train(config(tiny, tmp_path / "x", **kw))
+
+
 def test_resume_a_checkpoint_older_than_a_setting(tiny, tmp_path):
     """A checkpoint written before --freeze-embeddings existed has no such key: it ran with the default."""
     def old_checkpoint(out):  # a run stopped after 2 steps, its state.json without the newer key
