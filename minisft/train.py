@@ -148,8 +148,9 @@ def freeze_top_mlps(model, n):
     whole: asked about an animal SFT never showed, the model writes the colour pretraining stored for
     it, but attached to a seen animal of that colour, whose answer sentence the MLPs now hold. Frozen,
     they keep what pretraining put there; attention and the lower blocks still learn the chat format
-    and how to reach a stored fact. Measured on the default model (lesson 10, README): held-out facts
-    said in chat at 68-86% over four seeds, against 67-70% with every MLP trained.
+    and how to reach a stored fact. Measured on the default model with lesson 6's recipe (README, lesson
+    10): held-out facts said in chat 80%, 67% and 83% at seeds 0, 1, 2, against 67-70% with every MLP
+    trained.
 
     Frozen weights have requires_grad False: no gradient is computed for them and AdamW never sees
     them (param_groups leaves them out).
