@@ -40,7 +40,7 @@ MAX_LENGTH = 256  # tokens per conversation: every one in data/ fits
 LRS = {"lr_too_high": 3e-2, "lr_good": 2e-3, "lr_too_low": 3e-5}  # run name -> peak lr, for the tiny default
 # With --model a real SmolLM: 3e-5 is no longer too low, and even 1e-3 overwrites what it knows
 # (see REAL_MODEL_RECIPE in minisft/evaluate.py).
-REAL_MODEL_RECIPES = {"lr_too_high": 3e-2, "lr_good": REAL_MODEL_RECIPE["lr"], "lr_too_low": 1e-6}
+REAL_MODEL_LRS = {"lr_too_high": 3e-2, "lr_good": REAL_MODEL_RECIPE["lr"], "lr_too_low": 1e-6}
 MIN_LR_FRACTION = 0.1  # for the schedule plot: a floor at 10% of the peak
 PLOT_STEPS, PLOT_WARMUP, PLOT_LR = 200, 20, 1e-3  # the schedule of step 1-2 (no training)
 
@@ -78,7 +78,7 @@ def main():
     # 3. New: real training runs. TrainConfig holds every setting of minisft.train; we switch off
     # what a 50-step demo does not need (sample generations, periodic checkpoints and plots).
     run_dirs, results = [], {}
-    lrs = LRS if same_model(args.model, DEFAULT_MODEL) else REAL_MODEL_RECIPES
+    lrs = LRS if same_model(args.model, DEFAULT_MODEL) else REAL_MODEL_LRS
     for name, lr in lrs.items():
         print(f"3. run {name}: peak lr {lr:g}, {MAX_STEPS} steps, warmup {WARMUP_STEPS}")
         cfg = TrainConfig(model=args.model, data=os.path.join(ROOT, "data", "sft_train.jsonl"),
