@@ -487,10 +487,11 @@ class SmolLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        spans = None
-        if cache is None and attention_mask is not None and not right_padded(attention_mask):
-            spans = conversation_spans(attention_mask)  # packed rows: one causal attention per conversation
-        attn_mask = spans or build_attn_mask(attention_mask, past, T, input_ids.device)
+        attn_mask = None  # plain causal (see build_attn_mask): checked once here, not in every layer
+        if attention_mask is not None and not (past == 0 and right_padded(attention_mask)):
+            # Packed rows (no cache): one causal attention per conversation; otherwise a dense mask.
+            spans = conversation_spans(attention_mask) if cache is None else None
+            attn_mask = spans or build_attn_mask(attention_mask, past, T, input_ids.device)
         # Checkpointing keeps only each block's input [B, T, D] for backward and runs the block
         # again to get the rest. Only when a backward will follow, and never with a cache: a
         # recomputed block would append its keys and values to the cache a second time.
