@@ -51,6 +51,7 @@ import time
 
 import torch
 
+from minisft import heap
 from minisft.bench_micro import (ROWS, benchmark, check_device, format_table, make_batch,  # noqa: F401
                                  minisft_fns, saved_for_backward_bytes, step_fns)
 from minisft.bench_tools import decode_speed, gemm_peak_flops, make_dataset
@@ -65,10 +66,15 @@ JSON_KEYS = ("minisft_tokens_per_sec", "trl_tokens_per_sec", "minisft_peak_mb", 
 
 
 # ---- running one job in its own process -----------------------------------------------------
-def run_process(cmd, log_path, threads=None):
+def run_process(cmd, log_path, threads=None, as_shipped=False):
     """-> (exit code, wall seconds, peak RSS MB of that process). os.wait4 returns the rusage of
-    exactly this child (RUSAGE_CHILDREN would be the maximum over every child so far)."""
+    exactly this child (RUSAGE_CHILDREN would be the maximum over every child so far).
+    as_shipped: undo the huge-page setting that importing minisft put in this environment
+    (heap.py), so another trainer runs with PyTorch's default. "0", not unset: the TRL runner imports
+    minisft too, which would turn it on again."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    if as_shipped and heap.set_by_minisft:
+        env[heap.HUGE_PAGES] = "0"  # PyTorch's default
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -163,7 +169,7 @@ def end_to_end(args):
                         continue
                     out = os.path.join(work, f"{job.replace('/', '_')}_{trainer}_{r}")
                     shutil.rmtree(out, ignore_errors=True)
-                    rc, wall, rss = run_process(cmd + ["--out", out], out + ".log", args.threads)
+                    rc, wall, rss = run_process(cmd + ["--out", out], out + ".log", args.threads, trainer == "trl")
                     if rc != 0:
                         with open(out + ".log") as f:
                             tail = f.read().strip().splitlines()[-1:] or ["(no output)"]

@@ -177,8 +177,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             d = d.mul_(grad).to(ctx.dtype)  # dloss/dlogits, in the matmul's dtype (as autograd would)
             if need_h:
                 dh[rows] = d @ wc  # [c, D]
-            if need_w:
-                dw += d.t() @ hc[rows]  # [V, D]
+            if need_w:  # [V, D]; in place when the dtypes agree (no second [V, D] tensor per chunk), else
+                # (under autocast) the bf16 product is summed into the weight's float32 gradient
+                if dw.dtype == d.dtype:
+                    dw.addmm_(d.t(), hc[rows])
+                else:
+                    dw += d.t() @ hc[rows]
         return dh, dw, None, None
 
 

@@ -331,23 +331,35 @@ class Attention(nn.Module):
 
 
 class SwiGLUFn(torch.autograd.Function):
-    """h = silu(g) * u with a backward that saves only g and u [..., I], and recomputes silu(g).
+    """h = silu(g) * u, and with w given y = h @ w.T (down_proj) too, with a backward that saves only
+    g and u [..., I] (and w), and recomputes silu(g) and h.
 
-    Written as plain ops, autograd would also keep silu(g) [..., I] for the product, while down_proj
-    keeps h. Recomputing silu in backward costs one elementwise pass; its derivative is
+    Written as plain ops, autograd would keep silu(g) [..., I] for the product, and down_proj would
+    keep h [..., I] for its weight's gradient: two more [..., I] per token, the widest tensors of a
+    layer. Rebuilding them in backward costs two elementwise passes over [..., I]; the matmuls are
+    the ones autograd would run (dh = dy @ w, dw = (h^T @ dy)^T). silu's derivative is
     silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g).
+
+    g, u [..., I]; w [D, I] (down_proj.weight, already in the autocast dtype) or None -> [..., D] or h [..., I].
     """
 
     @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
+    def forward(ctx, g, u, w=None):
+        ctx.save_for_backward(g, u, w)
+        h = F.silu(g) * u
+        return h if w is None else F.linear(h, w)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dh):  # dh [..., I]
-        g, u = ctx.saved_tensors
-        dg = du = None
+    def backward(ctx, dy):  # dy [..., D] (or [..., I] without w)
+        g, u, w = ctx.saved_tensors
+        dg = du = dw = None
+        sg = F.silu(g)
+        if w is not None and ctx.needs_input_grad[2]:
+            h = (sg * u).flatten(0, -2)  # [N, I]: the down_proj input the forward did not keep
+            dw = h.t().mm(dy.flatten(0, -2)).t()  # [D, I], the same product autograd's mm backward runs
+            del h
+        dh = dy if w is None else dy.matmul(w)  # [..., I]
         if ctx.needs_input_grad[0]:
             # silu' in at least float32, as PyTorch's own silu backward does for bfloat16; the
             # gradient reaching silu(g) is rounded to g's dtype first, as autograd would.
@@ -357,12 +369,13 @@ class SwiGLUFn(torch.autograd.Function):
             dsilu = torch.sub(1, s).mul_(gf).add_(1).mul_(s)  # s * (1 + g * (1 - s))
             dg = (dh * u).to(g.dtype).to(gf.dtype).mul_(dsilu).to(g.dtype)
         if ctx.needs_input_grad[1]:
-            du = F.silu(g).mul_(dh).to(u.dtype)
-        return dg, du
+            du = sg.mul_(dh).to(u.dtype)
+        return dg, du, dw
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); the product runs as SwiGLUFn when a backward is to come."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); with a backward to come, the product and down_proj run as
+    SwiGLUFn (a LoRA-wrapped or biased down_proj as itself, after SwiGLUFn's product)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -373,9 +386,15 @@ class MLP(nn.Module):
 
     def forward(self, x):  # [..., D] -> [..., D]
         g, u = self.gate_proj(x), self.up_proj(x)  # [..., I]
-        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
-            return self.down_proj(SwiGLUFn.apply(g, u))
-        return self.down_proj(F.silu(g) * u)  # no backward to come: nothing to save
+        if not (torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)):
+            return self.down_proj(F.silu(g) * u)  # no backward to come: nothing to save
+        down = self.down_proj
+        if type(down) is not nn.Linear or down.bias is not None:
+            return down(SwiGLUFn.apply(g, u))  # keeps h for its own backward
+        w = down.weight
+        if torch.is_autocast_enabled(g.device.type):  # the cast autocast would make for nn.Linear
+            w = w.to(torch.get_autocast_dtype(g.device.type))
+        return SwiGLUFn.apply(g, u, w)
 
 
 class Block(nn.Module):

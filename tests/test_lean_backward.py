@@ -1,8 +1,9 @@
 """RMSNormFn and SwiGLUFn (model.py): hand-written backwards that keep less for backward. Their
 gradients pass gradcheck; a model built with them gives the same outputs (bitwise), losses and
 gradients as the same model written with plain ops (full fine-tuning, checkpointing, LoRA, bf16
-autocast); a decoder layer keeps exactly one [D] per norm and one silu output [I] less per token;
-and a forward with no backward to come never goes through them."""
+autocast, biased MLPs, frozen MLPs); a decoder layer keeps exactly one [D] per norm and two [I]
+(silu output, down_proj input) less per token; and a forward with no backward to come never goes
+through them."""
 import contextlib
 from types import SimpleNamespace
 
@@ -47,6 +48,34 @@ def test_gradcheck_float64():
     gate = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     up = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(SwiGLUFn.apply, (gate, up))
+    down = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)  # [D, I]
+    assert torch.autograd.gradcheck(SwiGLUFn.apply, (gate, up, down))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_swiglu_with_down_proj_matches_linear(autocast):
+    """SwiGLUFn(g, u, w) against nn.Linear on the plain product: the same output bits, the same gradients."""
+    g = torch.Generator().manual_seed(7)
+    gate0, up0 = torch.randn(3, 5, 24, generator=g), torch.randn(3, 5, 24, generator=g)
+    w0 = 0.2 * torch.randn(16, 24, generator=g)
+    dy = torch.randn(3, 5, 16, generator=g)
+
+    def run(fused):
+        gate, up, w = (t.clone().requires_grad_() for t in (gate0, up0, w0))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            a, b = gate.to(torch.bfloat16) if autocast else gate, up.to(torch.bfloat16) if autocast else up
+            if fused:
+                y = SwiGLUFn.apply(a, b, w.to(torch.bfloat16) if autocast else w)
+            else:
+                y = F.linear(F.silu(a) * b, w)
+        (y.float() * dy).sum().backward()
+        return y, gate.grad, up.grad, w.grad
+
+    ours, ref = run(True), run(False)
+    assert ours[0].dtype == ref[0].dtype and torch.equal(ours[0], ref[0])
+    for a, b in zip(ours[1:], ref[1:]):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, **(dict(rtol=2 ** -7, atol=1e-4) if autocast else dict(rtol=1e-6, atol=1e-7)))
 
 
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
@@ -91,10 +120,13 @@ def loss_and_grads(model, ids, labels, autocast=False):
     return hidden.detach(), loss_sum.detach() / n, grads
 
 
-@pytest.mark.parametrize("setting", ["float32", "float64", "checkpointing", "lora", "bf16 autocast"])
+@pytest.mark.parametrize("setting", ["float32", "float64", "checkpointing", "lora", "bf16 autocast", "mlp bias",
+                                     "frozen mlps"])
 def test_model_same_loss_and_gradients_as_plain_ops(setting):
     torch.manual_seed(0)
-    model = SmolLM(ModelConfig(**TINY)).train()
+    model = SmolLM(ModelConfig(**TINY, mlp_bias=setting == "mlp bias")).train()
+    if setting == "frozen mlps":  # --freeze-top-mlps: no gradient for down_proj.weight, nor gate/up
+        model.model.layers[-1].mlp.requires_grad_(False)
     with torch.no_grad():  # norm gains away from 1, so their gradient paths are exercised
         for m in model.modules():
             if isinstance(m, RMSNorm):
@@ -132,9 +164,9 @@ def test_a_layer_keeps_less_for_backward(bf16):
     with plain_ops():
         plain = memory.activation_bytes(cfg, batch, length, bf16)["per_layer"]
     # Per token, each of the two norms no longer keeps its float32 normalised x [D], and the MLP no
-    # longer keeps silu(gate) [I] (in the Linear outputs' dtype: bf16 under autocast).
+    # longer keeps silu(gate) [I] nor down_proj's input [I] (in the Linear outputs' dtype: bf16 under autocast).
     D, I = cfg.hidden_size, cfg.intermediate_size
-    assert plain - ours == batch * length * (2 * D * 4 + I * (2 if bf16 else 4))
+    assert plain - ours == batch * length * (2 * D * 4 + 2 * I * (2 if bf16 else 4))
 
 
 def test_no_backward_to_come_skips_the_functions(monkeypatch):
