@@ -17,7 +17,7 @@ section has the trainer's numbers).
 PyTorch reads the variable once, when it first allocates, so `minisft/__init__.py` sets it before
 torch is imported, unless you set it yourself (THP_MEM_ALLOC_ENABLE=0 turns it off). It reaches
 programs that import minisft before torch, like `python -m minisft.train`; child processes inherit
-it (minisft.bench leaves it out of TRL's runs, which it runs as shipped). Elsewhere than Linux the
+it (minisft.bench sets it to 0, PyTorch's default, for TRL's runs, which it runs as shipped). Elsewhere than Linux the
 variable does nothing. It changes where tensors live, never a number they hold.
 
 Measured and left out, in the same setting:
