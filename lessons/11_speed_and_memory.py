@@ -10,7 +10,7 @@ Lesson 6's micro-batch (8 conversations x up to 192 tokens) taken apart, with th
      packing; then useful tokens/s of real forward+backward steps, padded vs packed
   4. what activation checkpointing buys and costs: bytes kept and step time, off vs on
   5. what minisft's hand-written backwards save: one decoder block's bytes kept for backward, written
-     with plain ops vs with RMSNormFn and SwiGLUFn (model.py), at equal settings; what a CPU process
+     with plain ops vs with NormLinearsFn and SwiGLUFn (model.py), at equal settings; what a CPU process
      holds beyond its tensors is minisft/heap.py's story (the README measures it)
   6. plots -> runs/11_speed_and_memory/memory.png and runs/11_speed_and_memory/speed.png
 
@@ -19,7 +19,8 @@ Read along:
   minisft/loss.py        chunked_cross_entropy: the logits one chunk at a time, recomputed in backward
   minisft/data.py        pack_to_budget / token_budget (packing), epoch_padding_efficiency (padding)
   minisft/bench_micro.py saved_for_backward_bytes: the saved-tensor count used below
-  minisft/model.py       RMSNormFn, SwiGLUFn: what a norm and the SwiGLU product + down_proj keep for backward
+  minisft/model.py       NormLinearsFn, SwiGLUFn: what a norm + the Linears reading it, and the SwiGLU product +
+                         down_proj keep for backward
   minisft/heap.py        why a CPU run's resident memory exceeds its tensors, and the two settings minisft changes
 
 Run:  python lessons/11_speed_and_memory.py [--model data/base-model]
@@ -91,8 +92,9 @@ def kept_bytes(model, batch, chunked=True):
 
 
 # New: one decoder block written with plain ops, as autograd sees it without minisft's Functions. Each norm
-# then also keeps its float32 normalised x [D] for the gain's product, and the MLP keeps silu(gate) [I]
-# and the product silu(gate) * up [I] that down_proj's weight gradient reads.
+# then also keeps its float32 normalised x [D] for the gain's product, the Linears after it keep its output
+# [D] for their weights' gradients, and the MLP keeps silu(gate) [I] and the product silu(gate) * up [I]
+# that down_proj's weight gradient reads.
 def plain_block(block, x, cos, sin):
     def norm(n, x):
         xf = x.float()
@@ -209,9 +211,10 @@ def main():
     # Each block's forward runs twice (once more in backward): about 1/3 more compute. A busy machine's
     # wall clock can hide that on a model this small; the bytes above are exact.
 
-    # 5. New: the same block, the same numbers out (bitwise), less kept: RMSNormFn keeps x and rstd [1] and
-    # rebuilds x * rstd in backward; SwiGLUFn keeps gate and up and recomputes silu(gate) and the product
-    # silu(gate) * up that down_proj's weight gradient needs.
+    # 5. New: the same block, the same numbers out (bitwise), less kept: NormLinearsFn runs a norm and the
+    # Linears that read it (q, k, v; gate, up), keeps x and rstd [1] and rebuilds the normalised x in
+    # backward; SwiGLUFn keeps gate and up and recomputes silu(gate) and the product silu(gate) * up that
+    # down_proj's weight gradient needs.
     print(f"\n5. kept for backward by one decoder block, float32, bytes per token: plain ops vs minisft's Functions")
     blocks = [(model_name, model.model.layers[0], model.config)]
     if big is not None:
@@ -220,8 +223,8 @@ def main():
     for name, block, cfg in blocks:
         plain, ours = (block_kept_per_token(block, cfg, MAX_LENGTH, p) for p in (True, False))
         D, I = cfg.hidden_size, cfg.intermediate_size
-        print(f"   {name:<16} plain ops {plain:8,.0f}   RMSNormFn + SwiGLUFn {ours:8,.0f}   "
-              f"(keeps {ours / plain:.0%}: 2 norms x D={D} + 2 x I={I} floats fewer)")
+        print(f"   {name:<16} plain ops {plain:8,.0f}   minisft {ours:8,.0f}   "
+              f"(keeps {ours / plain:.0%}: 2 norms x 2 x D={D} + 2 x I={I} floats fewer)")
 
     # 6. The plots.
     os.makedirs(OUT, exist_ok=True)

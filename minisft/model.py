@@ -180,19 +180,25 @@ class RMSNormFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):  # dy [..., D]
         x, weight, rstd = ctx.saved_tensors
-        n = x.to(rstd.dtype) * rstd  # [..., D] in the forward's maths dtype
-        dx = dw = None
-        if ctx.needs_input_grad[1]:  # n.to(x.dtype) is what the forward multiplied by weight
-            dw = (dy * n.to(x.dtype)).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)  # over every leading dim
-        if ctx.needs_input_grad[0]:
-            # The gradient reaches n through the cast, so it is rounded to x's dtype first, as
-            # autograd would. Then d/dx of x * rsqrt(mean(x^2) + eps) applied to g:
-            # rstd * (g - n * mean(g * n)), in place on g: a new tensor, and this backward is
-            # mostly memory traffic over [..., D].
-            g = (dy * weight).to(x.dtype).to(rstd.dtype)
-            mean_gn = torch.linalg.vecdot(g, n).unsqueeze(-1) / n.shape[-1]  # [..., 1]
-            dx = g.addcmul_(n, mean_gn, value=-1).mul_(rstd).to(x.dtype)
-        return dx, dw, None
+        return (*rms_norm_backward(dy, x, weight, rstd, ctx.needs_input_grad[:2]), None)
+
+
+def rms_norm_backward(dy, x, weight, rstd, needs):
+    """The gradients of rms_norm: dy [..., D] -> (dx [..., D] or None, dweight [D] or None), as
+    needs = (x's, weight's) asks. x and rstd are what the forward saw and gave."""
+    n = x.to(rstd.dtype) * rstd  # [..., D] in the forward's maths dtype
+    dx = dw = None
+    if needs[1]:  # n.to(x.dtype) is what the forward multiplied by weight
+        dw = (dy * n.to(x.dtype)).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)  # over every leading dim
+    if needs[0]:
+        # The gradient reaches n through the cast, so it is rounded to x's dtype first, as
+        # autograd would. Then d/dx of x * rsqrt(mean(x^2) + eps) applied to g:
+        # rstd * (g - n * mean(g * n)), in place on g: a new tensor, and this backward is
+        # mostly memory traffic over [..., D].
+        g = (dy * weight).to(x.dtype).to(rstd.dtype)
+        mean_gn = torch.linalg.vecdot(g, n).unsqueeze(-1) / n.shape[-1]  # [..., 1]
+        dx = g.addcmul_(n, mean_gn, value=-1).mul_(rstd).to(x.dtype)
+    return dx, dw
 
 
 class RMSNorm(nn.Module):
@@ -210,6 +216,69 @@ class RMSNorm(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return RMSNormFn.apply(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)[0]  # no backward to come: nothing to save
+
+
+class NormLinearsFn(torch.autograd.Function):
+    """rms_norm(x) read by several bias-free Linears (q, k, v; or gate, up), with a backward that saves
+    only x [..., D] and rstd [..., 1] (and the weights).
+
+    Done apart, the norm keeps x and every Linear keeps the normalised y [..., D] for its weight's
+    gradient (under autocast each its own bf16 copy): one more [..., D] per norm, three under autocast
+    before the attention. Backward rebuilds y from x and rstd with the forward's own ops (one
+    elementwise pass, the same bits), then runs the matmuls autograd would run.
+
+    x [..., D], weight [D] (the norm's gain), ws [O_i, D] (already in the autocast dtype)
+    -> one [..., O_i] per weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, *ws):
+        y, rstd = rms_norm(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd, *ws)
+        y = y.to(ws[0].dtype)  # the cast autocast makes before a Linear (none in float32)
+        return tuple(F.linear(y, w) for w in ws)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *douts):  # one [..., O_i] per weight
+        x, weight, rstd, *ws = ctx.saved_tensors
+        n = x.to(rstd.dtype) * rstd
+        y = weight * n.to(x.dtype)  # the forward's y, rebuilt with its own ops: the same bits
+        y_dtype, y = y.dtype, y.to(ws[0].dtype).flatten(0, -2)  # [N, D], as the Linears read it
+        dws = [y.t().mm(d.flatten(0, -2)).t() if ctx.needs_input_grad[3 + i] else None  # [O_i, D]
+               for i, d in enumerate(douts)]
+        del y, n
+        dy = None
+        if any(ctx.needs_input_grad[:2]):
+            # The gradient of y is the sum of what each Linear sends back, added last Linear first:
+            # the order autograd's engine adds them in (the later a node was made, the sooner it runs),
+            # so the sum is the same bits as without this Function.
+            for d, w in reversed(list(zip(douts, ws))):
+                part = d.matmul(w).to(y_dtype)  # [..., D]
+                dy = part if dy is None else dy.add_(part)
+        dx, dw = (None, None) if dy is None else rms_norm_backward(dy, x, weight, rstd, ctx.needs_input_grad[:2])
+        return (dx, dw, None, *dws)
+
+
+def project(norm, linears, x):
+    """x [..., D] -> a tuple with linear(norm(x)) [..., O] for each Linear of `linears` (norm None: x as given).
+
+    With a backward to come and plain bias-free Linears, as NormLinearsFn (the normalised x is not
+    kept); otherwise the norm, then each Linear (a LoRA-wrapped Linear keeps its input itself).
+    """
+    plain = all(type(m) is nn.Linear and m.bias is None for m in linears)
+    if norm is not None and plain and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for m in (norm, *linears) for p in m.parameters())):
+        return NormLinearsFn.apply(x, norm.weight, norm.eps, *(autocast_weight(m.weight, x) for m in linears))
+    y = x if norm is None else norm(x)
+    return tuple(m(y) for m in linears)
+
+
+def autocast_weight(w, x):
+    """w, cast as autocast would cast it for a Linear reading x (unchanged without autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return w.to(torch.get_autocast_dtype(x.device.type))
+    return w
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
@@ -283,13 +352,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=bias)
 
-    def forward(self, x, cos, sin, attn_mask, cache):
+    def forward(self, x, cos, sin, attn_mask, cache, norm=None):
         """x [B, T, D] -> [B, T, D]. attn_mask: None (plain causal), bool [B, 1, T, S], or a
-        list of (row, start, end) spans, one per conversation of packed rows (conversation_spans)."""
+        list of (row, start, end) spans, one per conversation of packed rows (conversation_spans).
+        norm: the block's RMSNorm, run on x first (see project); None when x is normalised already."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k, v = project(norm, (self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B, KV, T, hd]
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(attn_mask, list):
@@ -384,17 +455,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, I, bias=bias)
         self.down_proj = nn.Linear(I, D, bias=bias)
 
-    def forward(self, x):  # [..., D] -> [..., D]
-        g, u = self.gate_proj(x), self.up_proj(x)  # [..., I]
+    def forward(self, x, norm=None):  # [..., D] -> [..., D]; norm as in Attention.forward
+        g, u = project(norm, (self.gate_proj, self.up_proj), x)  # [..., I]
         if not (torch.is_grad_enabled() and (g.requires_grad or u.requires_grad)):
             return self.down_proj(F.silu(g) * u)  # no backward to come: nothing to save
         down = self.down_proj
         if type(down) is not nn.Linear or down.bias is not None:
             return down(SwiGLUFn.apply(g, u))  # keeps h for its own backward
-        w = down.weight
-        if torch.is_autocast_enabled(g.device.type):  # the cast autocast would make for nn.Linear
-            w = w.to(torch.get_autocast_dtype(g.device.type))
-        return SwiGLUFn.apply(g, u, w)
+        return SwiGLUFn.apply(g, u, autocast_weight(down.weight, g))
 
 
 class Block(nn.Module):
@@ -406,8 +474,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attn_mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # Each norm goes in with the layer that reads it, so the two can run as one Function (project).
+        x = x + self.self_attn(x, cos, sin, attn_mask, cache, norm=self.input_layernorm)
+        return x + self.mlp(x, norm=self.post_attention_layernorm)
 
 
 def right_padded(attention_mask):

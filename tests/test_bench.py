@@ -149,6 +149,10 @@ def test_e2e_table_and_json(e2e_run):
             got = float(re.search(rf"{job}: minisft runs ([0-9.]+)x TRL's tokens/s at [0-9.]+x its peak memory",
                                   out).group(1))
             assert abs(got - ratio) < 0.02 * ratio + 0.01, (job, got, ratio)
+        ratio = rows[("best/skewed", "minisft")][0] / rows[("shipped/skewed", "trl")][0]
+        got = float(re.search(r"recommended vs as shipped: minisft --packing \(best/skewed\) runs ([0-9.]+)x the "
+                              r"tokens/s of TRL as it ships \(shipped/skewed\) at [0-9.]+x its peak memory", out).group(1))
+        assert abs(got - ratio) < 0.02 * ratio + 0.01, (got, ratio)
     # The run folders and logs are kept in --work: each trainer really wrote its per-step records.
     assert (work / "equal_skewed_minisft_0" / "metrics.jsonl").is_file()
     if trl:

@@ -1,9 +1,10 @@
-"""RMSNormFn and SwiGLUFn (model.py): hand-written backwards that keep less for backward. Their
-gradients pass gradcheck; a model built with them gives the same outputs (bitwise), losses and
-gradients as the same model written with plain ops (full fine-tuning, checkpointing, LoRA, bf16
-autocast, biased MLPs, frozen MLPs); a decoder layer keeps exactly one [D] per norm and two [I]
-(silu output, down_proj input) less per token; and a forward with no backward to come never goes
-through them."""
+"""RMSNormFn, NormLinearsFn and SwiGLUFn (model.py): hand-written backwards that keep less for
+backward. Their gradients pass gradcheck; a model built with them gives the same outputs (bitwise),
+losses and gradients as the same model written with plain ops (full fine-tuning, checkpointing, LoRA,
+bf16 autocast, biased MLPs, frozen MLPs), float32 and bf16 autocast gradients bit for bit; a decoder
+layer keeps exactly two [D] per norm (its float32 normalised x, and the normalised x the Linears read)
+and two [I] (silu output, down_proj input) less per token; and a forward with no backward to come
+never goes through them."""
 import contextlib
 from types import SimpleNamespace
 
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from minisft import memory
 from minisft.lora import add_lora
 from minisft.loss import chunked_cross_entropy
-from minisft.model import MLP, ModelConfig, RMSNorm, RMSNormFn, SmolLM, SwiGLUFn
+from minisft import model as model_module
+from minisft.model import MLP, ModelConfig, NormLinearsFn, RMSNorm, RMSNormFn, SmolLM, SwiGLUFn
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
@@ -28,8 +30,14 @@ def plain_norm(self, x):
     return self.weight * x.to(dtype)
 
 
-def plain_mlp(self, x):
+def plain_mlp(self, x, norm=None):
+    x = x if norm is None else norm(x)
     return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def plain_project(norm, linears, x):
+    y = x if norm is None else norm(x)
+    return tuple(m(y) for m in linears)
 
 
 @contextlib.contextmanager
@@ -37,6 +45,7 @@ def plain_ops():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(RMSNorm, "forward", plain_norm)
         mp.setattr(MLP, "forward", plain_mlp)
+        mp.setattr(model_module, "project", plain_project)
         yield
 
 
@@ -50,6 +59,9 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(SwiGLUFn.apply, (gate, up))
     down = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)  # [D, I]
     assert torch.autograd.gradcheck(SwiGLUFn.apply, (gate, up, down))
+    wq = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    wk = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, a, b: NormLinearsFn.apply(x, w, 1e-5, a, b), (x, w, wq, wk))
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -120,8 +132,8 @@ def loss_and_grads(model, ids, labels, autocast=False):
     return hidden.detach(), loss_sum.detach() / n, grads
 
 
-@pytest.mark.parametrize("setting", ["float32", "float64", "checkpointing", "lora", "bf16 autocast", "mlp bias",
-                                     "frozen mlps"])
+@pytest.mark.parametrize("setting", ["float32", "float64", "checkpointing", "lora", "lora on the mlp", "bf16 autocast",
+                                     "mlp bias", "frozen mlps"])
 def test_model_same_loss_and_gradients_as_plain_ops(setting):
     torch.manual_seed(0)
     model = SmolLM(ModelConfig(**TINY, mlp_bias=setting == "mlp bias")).train()
@@ -134,8 +146,8 @@ def test_model_same_loss_and_gradients_as_plain_ops(setting):
     if setting == "float64":
         model.double()
     model.grad_checkpointing = setting == "checkpointing"
-    if setting == "lora":
-        add_lora(model, r=4, alpha=8, dropout=0.1, targets="all-linear")
+    if setting.startswith("lora"):  # on the MLP only: q, k, v stay plain, frozen Linears in NormLinearsFn
+        add_lora(model, r=4, alpha=8, dropout=0.1, targets="all-linear" if setting == "lora" else "gate_proj,up_proj")
         with torch.no_grad():  # B = 0 would give A no gradient
             for name, p in model.named_parameters():
                 if name.endswith("lora_B"):
@@ -156,6 +168,33 @@ def test_model_same_loss_and_gradients_as_plain_ops(setting):
         assert rel <= tol, (name, float(rel))
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_norm_linears_gives_the_same_bits(autocast):
+    """NormLinearsFn alone against the norm followed by its Linears: the same loss and every gradient
+    bit for bit, float32 and bf16 autocast (the Linears' gradients are added in autograd's order)."""
+    torch.manual_seed(0)
+    model = SmolLM(ModelConfig(**TINY)).train()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.add_(0.2 * torch.randn_like(m.weight))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(NormLinearsFn, "forward", lambda *a, f=NormLinearsFn.forward: calls.append(1) or f(*a))
+        ours = loss_and_grads(model, ids, labels, autocast)
+    assert len(calls) == 2 * TINY["num_hidden_layers"]  # both norms of every layer went through it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "project", plain_project)
+        ref = loss_and_grads(model, ids, labels, autocast)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    assert ours[2].keys() == ref[2].keys()
+    for name, g in ref[2].items():
+        assert torch.equal(ours[2][name], g), name
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_layer_keeps_less_for_backward(bf16):
     cfg = ModelConfig(**dict(TINY, vocab_size=300, hidden_size=64, intermediate_size=160))
@@ -163,10 +202,13 @@ def test_a_layer_keeps_less_for_backward(bf16):
     ours = memory.activation_bytes(cfg, batch, length, bf16)["per_layer"]
     with plain_ops():
         plain = memory.activation_bytes(cfg, batch, length, bf16)["per_layer"]
-    # Per token, each of the two norms no longer keeps its float32 normalised x [D], and the MLP no
-    # longer keeps silu(gate) [I] nor down_proj's input [I] (in the Linear outputs' dtype: bf16 under autocast).
+    # Per token, each of the two norms no longer keeps its float32 normalised x [D], nor the normalised
+    # x its Linears read (float32: one [D] shared by them; under autocast each Linear's own bf16 copy:
+    # q, k, v and gate, up), and the MLP no longer keeps silu(gate) [I] nor down_proj's input [I] (in the
+    # Linear outputs' dtype: bf16 under autocast).
     D, I = cfg.hidden_size, cfg.intermediate_size
-    assert plain - ours == batch * length * (2 * D * 4 + 2 * I * (2 if bf16 else 4))
+    read = 5 * D * 2 if bf16 else 2 * D * 4
+    assert plain - ours == batch * length * (2 * D * 4 + read + 2 * I * (2 if bf16 else 4))
 
 
 def test_no_backward_to_come_skips_the_functions(monkeypatch):
@@ -180,6 +222,7 @@ def test_no_backward_to_come_skips_the_functions(monkeypatch):
 
     monkeypatch.setattr(RMSNormFn, "apply", refuse)
     monkeypatch.setattr(SwiGLUFn, "apply", refuse)
+    monkeypatch.setattr(NormLinearsFn, "apply", refuse)
     with torch.no_grad():
         assert torch.equal(model(ids), with_grad.detach())
     model.requires_grad_(False)  # nothing requires grad: no graph either
