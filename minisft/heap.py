@@ -19,6 +19,9 @@ torch is imported, unless you set it yourself (THP_MEM_ALLOC_ENABLE=0 turns it o
 programs that import minisft before torch, like `python -m minisft.train`; child processes inherit
 it (minisft.bench sets it to 0, PyTorch's default, for TRL's runs, which it runs as shipped). Elsewhere than Linux the
 variable does nothing. It changes where tensors live, never a number they hold.
+train.sft_step does its part too: it zeroes the gradients in place rather than freeing them, so they
+are made once and do not come back in the middle of a backward, into a heap the activations have cut
+up.
 
 Measured and left out, in the same setting:
   - malloc_trim(0) before every micro-batch (glibc hands the free pages inside its heap back):
