@@ -228,11 +228,14 @@ def summary_json(rows, decode, device):
         r = by.get((job, trainer))
         return None if r is None else r[key]
 
-    return {"minisft_tokens_per_sec": get("equal/skewed", "minisft", "tokens_per_s"),
-            "trl_tokens_per_sec": get("equal/skewed", "trl", "tokens_per_s"),
-            "minisft_peak_mb": get("equal/skewed", "minisft", "peak_mb"),
-            "trl_peak_mb": get("equal/skewed", "trl", "peak_mb"),
-            "mfu": get("equal/skewed", "minisft", "mfu"),
+    # The headline pair is equal settings on skewed lengths; a run that left that row out reports the
+    # one-shape row instead (the row the equal-settings target is stated on), not nothing.
+    equal = "equal/skewed" if ("equal/skewed", "minisft") in by else "equal/shape"
+    return {"minisft_tokens_per_sec": get(equal, "minisft", "tokens_per_s"),
+            "trl_tokens_per_sec": get(equal, "trl", "tokens_per_s"),
+            "minisft_peak_mb": get(equal, "minisft", "peak_mb"),
+            "trl_peak_mb": get(equal, "trl", "peak_mb"),
+            "mfu": get(equal, "minisft", "mfu"),
             "padded_useful_tokens_per_sec": get("equal/skewed", "minisft", "tokens_per_s"),
             "grouped_useful_tokens_per_sec": get("grouped/skewed", "minisft", "tokens_per_s"),
             "packed_useful_tokens_per_sec": get("best/skewed", "minisft", "tokens_per_s"),

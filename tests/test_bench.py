@@ -198,7 +198,7 @@ def test_matmul_peak_is_the_best_of_every_measurement(monkeypatch, capsys, tmp_p
     calls = []
     monkeypatch.setattr(bench, "gemm_peak_flops", lambda *a: calls.append(1) or next(measured))
     argv = ["--rows", "equal/shape", "--no-trl", "--steps", "2", "--repeats", "2", "--batch-size", "2",
-            "--max-length", "256", "--decode-tokens", "2", "--threads", "1", "--work", str(tmp_path)]
+            "--max-length", "256", "--decode-tokens", "2", "--threads", "1", "--work", str(tmp_path), "--json"]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert len(calls) == 3  # before, and after each of the 2 runs
@@ -207,3 +207,7 @@ def test_matmul_peak_is_the_best_of_every_measurement(monkeypatch, capsys, tmp_p
     from minisft.weights import load_pretrained
     params = load_pretrained(bench.DEFAULT_MODEL, dtype="float32", device="cpu")[0].num_parameters()
     assert mfu == pytest.approx(100 * 6 * params * tok_s / 4e9, rel=0.02)  # the table rounds tokens/s
+    # Without the equal/skewed row, the JSON's headline numbers come from the one-shape row.
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert abs(summary["minisft_tokens_per_sec"] - tok_s) <= 1 and summary["minisft_peak_mb"] > 0
+    assert summary["mfu"] == pytest.approx(mfu / 100, rel=0.01) and summary["trl_tokens_per_sec"] is None
