@@ -201,17 +201,22 @@ def format_e2e(rows, notes, meta, decode, device):
         lines.append(f"| {r['job']} | {r['trainer']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:,.1f} | {peak} | "
                      f"{100 * r['mfu']:.2f}% | {r['wall_s']:.1f} | {r['runs']} |")
     by = {(r["job"], r["trainer"]): r for r in rows}
+
+    def speed(a, b):
+        return f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}"
+
+    def memory(a, b):
+        return f" at {a['peak_mb'] / b['peak_mb']:.2f}x its peak memory" if a["peak_mb"] and b["peak_mb"] else ""
+
     for job in JOBS:  # the ratios the targets are stated in
         if (job, "minisft") in by and (job, "trl") in by:
             a, b = by[job, "minisft"], by[job, "trl"]
-            mem = "" if not (a["peak_mb"] and b["peak_mb"]) else f" at {a['peak_mb'] / b['peak_mb']:.2f}x its peak memory"
-            lines.append(f"{job}: minisft runs {a['tokens_per_s'] / b['tokens_per_s']:.2f}x TRL's tokens/s{mem}")
+            lines.append(f"{job}: minisft runs {speed(a, b)}x TRL's tokens/s{memory(a, b)}")
     if ("best/skewed", "minisft") in by and ("shipped/skewed", "trl") in by:
         # The pair the skewed target is stated in: minisft as recommended against TRL as a user gets it.
         a, b = by["best/skewed", "minisft"], by["shipped/skewed", "trl"]
-        mem = "" if not (a["peak_mb"] and b["peak_mb"]) else f" at {a['peak_mb'] / b['peak_mb']:.2f}x its peak memory"
-        lines.append(f"recommended vs as shipped: minisft --packing (best/skewed) runs "
-                     f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x the tokens/s of TRL as it ships (shipped/skewed){mem}")
+        lines.append(f"recommended vs as shipped: minisft --packing (best/skewed) runs {speed(a, b)}x the tokens/s of "
+                     f"TRL as it ships (shipped/skewed){memory(a, b)}")
     lines.append(f"MFU peak: a model-shaped float32 matmul reaches {meta['gemm_gflops']:,.1f} GFLOP/s on {device}")
     ours, theirs, same = decode
     lines.append(f"decode (greedy, KV cache): minisft {ours:,.1f} tokens/s"

@@ -17,8 +17,9 @@ section has the trainer's numbers).
 PyTorch reads the variable once, when it first allocates, so `minisft/__init__.py` sets it before
 torch is imported, unless you set it yourself (THP_MEM_ALLOC_ENABLE=0 turns it off). It reaches
 programs that import minisft before torch, like `python -m minisft.train`; child processes inherit
-it (minisft.bench sets it to 0, PyTorch's default, for TRL's runs, which it runs as shipped). Elsewhere than Linux the
-variable does nothing. It changes where tensors live, never a number they hold.
+it (minisft.bench sets it to 0, PyTorch's default, for TRL's runs, which it runs as shipped).
+Elsewhere than Linux the variable does nothing. It changes where tensors live, never a number they
+hold.
 train.sft_step does its part too: it zeroes the gradients in place rather than freeing them, so they
 are made once and do not come back in the middle of a backward, into a heap the activations have cut
 up.

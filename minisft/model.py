@@ -183,10 +183,12 @@ class RMSNormFn(torch.autograd.Function):
         return (*rms_norm_backward(dy, x, weight, rstd, ctx.needs_input_grad[:2]), None)
 
 
-def rms_norm_backward(dy, x, weight, rstd, needs):
+def rms_norm_backward(dy, x, weight, rstd, needs, n=None):
     """The gradients of rms_norm: dy [..., D] -> (dx [..., D] or None, dweight [D] or None), as
-    needs = (x's, weight's) asks. x and rstd are what the forward saw and gave."""
-    n = x.to(rstd.dtype) * rstd  # [..., D] in the forward's maths dtype
+    needs = (x's, weight's) asks. x and rstd are what the forward saw and gave; n = x * rstd when the
+    caller has rebuilt it already."""
+    if n is None:
+        n = x.to(rstd.dtype) * rstd  # [..., D] in the forward's maths dtype
     dx = dw = None
     if needs[1]:  # n.to(x.dtype) is what the forward multiplied by weight
         dw = (dy * n.to(x.dtype)).sum(tuple(range(dy.dim() - 1))).to(weight.dtype)  # over every leading dim
@@ -242,12 +244,12 @@ class NormLinearsFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *douts):  # one [..., O_i] per weight
         x, weight, rstd, *ws = ctx.saved_tensors
-        n = x.to(rstd.dtype) * rstd
+        n = x.to(rstd.dtype) * rstd  # [..., D], the norm's backward reads it too
         y = weight * n.to(x.dtype)  # the forward's y, rebuilt with its own ops: the same bits
         y_dtype, y = y.dtype, y.to(ws[0].dtype).flatten(0, -2)  # [N, D], as the Linears read it
         dws = [y.t().mm(d.flatten(0, -2)).t() if ctx.needs_input_grad[3 + i] else None  # [O_i, D]
                for i, d in enumerate(douts)]
-        del y, n
+        del y
         dy = None
         if any(ctx.needs_input_grad[:2]):
             # The gradient of y is the sum of what each Linear sends back, added last Linear first:
@@ -256,7 +258,7 @@ class NormLinearsFn(torch.autograd.Function):
             for d, w in reversed(list(zip(douts, ws))):
                 part = d.matmul(w).to(y_dtype)  # [..., D]
                 dy = part if dy is None else dy.add_(part)
-        dx, dw = (None, None) if dy is None else rms_norm_backward(dy, x, weight, rstd, ctx.needs_input_grad[:2])
+        dx, dw = (None, None) if dy is None else rms_norm_backward(dy, x, weight, rstd, ctx.needs_input_grad[:2], n)
         return (dx, dw, None, *dws)
 
 
