@@ -61,8 +61,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def decode_speed(model_path, device, new_tokens, repeats):
-    """-> (minisft tokens/s, transformers tokens/s or None, same tokens?) for greedy decoding of one prompt."""
+def decode_speed(model_path, device, new_tokens, repeats, min_rounds=5):
+    """-> (minisft tokens/s, transformers tokens/s or None, same tokens?) for greedy decoding of one prompt.
+
+    Both decode the same prompt in turns (minisft, transformers, minisft, ...) for max(repeats,
+    min_rounds) rounds after one warm-up each; each speed is n new tokens over the median time.
+    Taking turns matters here: at batch 1 both are bound by reading the weights from memory, so
+    they run within a few percent of each other, and a machine that slows down for a minute would
+    otherwise decide the race.
+    """
     from minisft import chat_template
     from minisft.generate import generate
     from minisft.weights import load_pretrained, resolve_model_dir
@@ -73,31 +80,32 @@ def decode_speed(model_path, device, new_tokens, repeats):
                                 chat_template.template_for(tok), add_generation_prompt=True)
     prompt = tok.encode(text)
     n = max(1, min(new_tokens, model.config.max_position_embeddings - len(prompt)))
-
-    def timed(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return n / statistics.median(times), out
-
-    ours, ours_ids = timed(lambda: generate(model, prompt, max_new_tokens=n, stop_ids=()))
+    racers = {"minisft": lambda: generate(model, prompt, max_new_tokens=n, stop_ids=())}
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        return ours, None, None
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    ids = torch.tensor([prompt], device=device)
+        AutoModelForCausalLM = None
+    if AutoModelForCausalLM is not None:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        ids = torch.tensor([prompt], device=device)
 
-    def hf_generate():
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                              min_new_tokens=n, pad_token_id=model.config.pad_token_id or 0)
-        return out[0, len(prompt):].tolist()
+        def hf_generate():
+            with torch.inference_mode():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, pad_token_id=model.config.pad_token_id or 0)
+            return out[0, len(prompt):].tolist()
+        racers["transformers"] = hf_generate
 
-    theirs, their_ids = timed(hf_generate)
-    return ours, theirs, ours_ids == their_ids
+    outs = {name: fn() for name, fn in racers.items()}  # warm-up, and the tokens to compare
+    times = {name: [] for name in racers}
+    for _ in range(max(repeats, min_rounds)):
+        for name, fn in racers.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    speed = {name: n / statistics.median(t) for name, t in times.items()}
+    if "transformers" not in racers:
+        return speed["minisft"], None, None
+    return speed["minisft"], speed["transformers"], outs["minisft"] == outs["transformers"]

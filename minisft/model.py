@@ -386,20 +386,29 @@ class Attention(nn.Module):
         pair of the row and throw the cross-conversation ones away; SDPA's kernels cannot skip
         them. One causal call per conversation computes only the pairs that count: with SmolLM2-135M's
         heads, 2 rows of 1024 tokens in 4 conversations each, a layer's attention forward + backward
-        takes ~0.65x the time of the masked call on a CPU, and no [B, 1, T, T] mask is built.
+        takes ~0.65x the time of the masked call on a CPU, and no [B, 1, T, T] mask is built. So a
+        row's length costs nothing in attention, and data.pack_to_budget packs a micro-batch into one row.
+        The pieces are cut with unbind and split, not indexing: their backward is one stack and one
+        cat, where each indexed slice would get a zero-filled gradient of the whole tensor.
         Positions outside every span (padding) get zeros: they carry no loss and are never read.
         """
         B, H, T, hd = q.shape
-        pieces, pos = [], 0  # pieces cover the flattened [B * T] positions in order
-        for b, s, e in spans:
-            if b * T + s > pos:
-                pieces.append(q.new_zeros(b * T + s - pos, H * hd))
-            y = F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                                               is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-            pieces.append(y[0].transpose(0, 1).reshape(e - s, H * hd))
-            pos = b * T + e
-        if B * T > pos:
-            pieces.append(q.new_zeros(B * T - pos, H * hd))
+        pieces = []  # [n, H * hd] each, covering the flattened [B * T] positions in order
+        for b, (qb, kb, vb) in enumerate(zip(q.unbind(0), k.unbind(0), v.unbind(0))):  # [heads, T, hd]
+            cuts, pos = [], 0  # (length, is it a conversation?) of each segment of row b, in order
+            for r, s, e in spans:
+                if r == b:
+                    cuts += [(s - pos, False)] * (s > pos) + [(e - s, True)]
+                    pos = e
+            cuts += [(T - pos, False)] * (T > pos)
+            sizes = [n for n, _ in cuts]
+            for qs, ks, vs, (_, conv) in zip(qb.split(sizes, 1), kb.split(sizes, 1), vb.split(sizes, 1), cuts):
+                if not conv:
+                    pieces.append(q.new_zeros(qs.shape[1], H * hd))
+                    continue
+                y = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True,
+                                                   enable_gqa=self.n_kv != self.n_heads)  # [1, H, n, hd]
+                pieces.append(y[0].transpose(0, 1).reshape(qs.shape[1], H * hd))
         return torch.cat(pieces).view(B, T, H * hd)
 
 

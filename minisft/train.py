@@ -219,7 +219,7 @@ def load_data(cfg, model, tokenizer, template, log):
     if cfg.packing:
         # A packed micro-batch holds about as many real TOKENS as a padded one of batch_size examples
         # would (data.token_budget): the recipe's lr and steps still fit, and no slot goes on padding.
-        # From here on each "example" is one micro-batch of packed rows.
+        # From here on each "example" is one micro-batch: a single packed row.
         lengths = [len(ex["input_ids"]) for ex in examples]
         info["budget"] = max(data.token_budget(lengths, cfg.batch_size, cfg.max_tokens), max(lengths))
         examples = data.pack_to_budget(examples, info["budget"], max_length)

@@ -211,3 +211,35 @@ def test_matmul_peak_is_the_best_of_every_measurement(monkeypatch, capsys, tmp_p
     summary = json.loads(out.strip().splitlines()[-1])
     assert abs(summary["minisft_tokens_per_sec"] - tok_s) <= 1 and summary["minisft_peak_mb"] > 0
     assert summary["mfu"] == pytest.approx(mfu / 100, rel=0.01) and summary["trl_tokens_per_sec"] is None
+
+
+def test_decoding_race_takes_turns(monkeypatch):
+    """minisft and transformers decode in turns, at least 5 rounds after a warm-up each: at batch 1 both
+    are memory-bound and close, so a slow minute of the machine must hit both, not one."""
+    pytest.importorskip("transformers")
+    import torch
+    import transformers
+    import minisft.generate
+    from minisft import bench_tools
+
+    order, answers = [], []
+    ours = minisft.generate.generate
+    monkeypatch.setattr(minisft.generate, "generate",
+                        lambda *a, **k: order.append("minisft") or answers.append(ours(*a, **k)) or answers[-1])
+
+    class FakeHF:  # stands in for transformers' model: records its turn, answers what minisft answers
+        def to(self, device):
+            return self
+
+        def eval(self):
+            return self
+
+        def generate(self, ids, max_new_tokens, **kw):
+            order.append("transformers")
+            return torch.cat([ids, torch.zeros(1, max_new_tokens, dtype=ids.dtype)], dim=1)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: FakeHF())
+    mine, theirs, same = bench_tools.decode_speed(DEFAULT_MODEL, "cpu", new_tokens=3, repeats=2)
+    assert order == ["minisft", "transformers"] * 6  # warm-up + max(2, 5) rounds, alternating
+    assert mine > 0 and theirs > 0
+    assert same == (answers[0] == [0, 0, 0])  # the fake answered token 0 three times
