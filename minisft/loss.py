@@ -14,9 +14,9 @@ Lesson 4 reads this file. It teaches three things:
 The maths is written out by hand (log-softmax as x - logsumexp(x), then a gather) in float32,
 so nothing is hidden in F.cross_entropy. `chunked_cross_entropy` computes the same numbers from
 the hidden states without ever holding the full [tokens, V] float32 logits, which for a
-49k-token vocabulary are the largest tensor of the whole step; its backward is written by hand too
-(the gradient of cross-entropy is softmax minus the one-hot target; the README's benchmark section
-measures what that saves).
+49k-token vocabulary are the largest tensor of the whole step; its gradient is written by hand too
+(the gradient of cross-entropy is softmax minus the one-hot target), and computed in forward while
+each chunk's logits are at hand (the README's benchmark section measures what that saves).
 
 Shapes: B batch, T sequence length, V vocab size, D hidden size, N target tokens.
 """
@@ -102,8 +102,8 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
     Two savings. First, masked positions are dropped BEFORE the output projection: in SFT most
     tokens are prompt or padding, and their logits would only be thrown away. Second, the N
     remaining rows are projected `chunk_size` at a time, so at most [chunk_size, V] float32 logits
-    exist at once: backward keeps only the rows and each row's logsumexp, and projects each chunk
-    again (_LinearCrossEntropy says how).
+    exist at once: each chunk's logits become the gradients of h and weight right away, and only
+    those [N, D] and [V, D] gradients wait for backward (_LinearCrossEntropy says how).
     """
     _check(hidden, labels, "hidden")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -128,25 +128,31 @@ def _chunk_buffer(hc, wc, chunk_size):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of logsumexp(h W^T) - (h W^T)[target], with a hand-written backward.
+    """sum over rows of logsumexp(h W^T) - (h W^T)[target], with its gradient computed in forward.
 
     h [N, D], weight [V, D], targets [N] -> 0-dim loss sum.
 
-    The gradient of -log softmax(x)[t] with respect to the logits x is softmax(x) - onehot(t): no
-    more than the logits and their logsumexp are needed. So forward keeps lse [N] (4 bytes a row),
-    and backward projects each chunk again and turns its logits into that gradient in place:
-    subtract lse, exp (now softmax), subtract 1 at the target, scale by the incoming gradient. Then
-    two matmuls give dh and dW. Left to autograd, the same maths would save the chunk's max and
-    exp, and walk [chunk, V] tensors through gather, exp, sub and log backwards one by one: three
-    times the passes over the largest tensor of the step, and more of them alive at once.
+    The gradient of -log softmax(x)[t] with respect to the logits x is softmax(x) - onehot(t), and
+    the loss is the last operation of the step: whatever the caller does with the sum (divide it by
+    the step's target count), the gradient that comes back is one number, `grad`. So forward,
+    while each chunk's logits are at hand, turns them into that gradient in place (exp, divide by
+    the sum: softmax; subtract 1 at the target) and runs the two matmuls that give dh [N, D] and
+    dW [V, D]. Backward only scales them by `grad`. The other way, keeping the rows and
+    re-projecting each chunk in backward, runs the largest matmul of the step twice (measured on
+    SmolLM2-135M: ~5% of a training step); this way keeps dh and dW from forward to backward
+    instead, and dW is the size of the weight's own gradient, which backward makes anyway.
+    Left to autograd, the same maths would save every chunk's [c, V] logits: no chunking at all.
+    With no gradient needed (evaluation), forward computes the loss only.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):
+        need_h, need_w = ctx.needs_input_grad[:2]
         dtype = _mm_dtype(h)
         hc, wc = h.to(dtype), weight.to(dtype)
-        lse = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)  # [N]
-        loss = torch.zeros((), dtype=lse.dtype, device=h.device)
+        loss = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None
         buf = _chunk_buffer(hc, wc, chunk_size)
         for s in range(0, h.shape[0], chunk_size):
             rows = slice(s, s + chunk_size)
@@ -154,27 +160,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target_logit = x.gather(-1, targets[rows, None]).squeeze(-1)  # [c], read before x is overwritten
             # _logsumexp's maths, in place: no second and third [c, V] tensor.
             m = x.max(dim=-1, keepdim=True).values
-            lse[rows] = x.sub_(m).exp_().sum(dim=-1).log() + m.squeeze(-1)
-            loss += (lse[rows] - target_logit).sum()
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk_size, ctx.dtype = chunk_size, dtype
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # grad: 0-dim, d(what the caller computed)/d(loss sum)
-        h, weight, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        hc, wc = h.to(ctx.dtype), weight.to(ctx.dtype)
-        dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros_like(weight) if need_w else None
-        buf = _chunk_buffer(hc, wc, ctx.chunk_size)
-        for s in range(0, h.shape[0], ctx.chunk_size):
-            rows = slice(s, s + ctx.chunk_size)
-            d = _float32(torch.mm(hc[rows], wc.t(), out=buf[:hc[rows].shape[0]]))  # [c, V]: the logits again
-            d.sub_(lse[rows, None]).exp_()  # softmax
+            total = x.sub_(m).exp_().sum(dim=-1, keepdim=True)  # x now holds exp(x - m)
+            loss += (total.log() + m - target_logit[:, None]).sum()
+            if not (need_h or need_w):
+                continue
+            d = x.div_(total)  # softmax
             d[torch.arange(d.shape[0], device=d.device), targets[rows]] -= 1  # - onehot(target)
-            d = d.mul_(grad).to(ctx.dtype)  # dloss/dlogits, in the matmul's dtype (as autograd would)
+            d = d.to(dtype)  # dloss/dlogits, in the matmul's dtype (as autograd would)
             if need_h:
                 dh[rows] = d @ wc  # [c, D]
             if need_w:  # [V, D]; in place when the dtypes agree (no second [V, D] tensor per chunk), else
@@ -183,7 +175,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dw.addmm_(d.t(), hc[rows])
                 else:
                     dw += d.t() @ hc[rows]
-        return dh, dw, None, None
+        ctx.save_for_backward(dh, dw)  # what backward needs; saved tensors, so memory counts see them
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad: 0-dim, d(what the caller computed)/d(loss sum)
+        dh, dw = ctx.saved_tensors
+        # Scaled in place: the graph is freed after this backward (a second one through it would be
+        # refused by autograd's check of the saved tensors' versions, not given wrong numbers).
+        return (None if dh is None else dh.mul_(grad.to(dh.dtype)),
+                None if dw is None else dw.mul_(grad.to(dw.dtype)), None, None)
 
 
 @torch.no_grad()

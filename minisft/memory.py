@@ -12,10 +12,12 @@ Read with lesson 11 (speed and memory). A training step holds six things at once
   gradients    4 bytes per trainable parameter (float32, like the weights they belong to).
   optimizer    AdamW: two float32 moments per trainable parameter, plus a 4-byte step counter per tensor.
   activations  what autograd keeps from the forward pass for the backward pass.
-  loss         what the chunked loss keeps (the hidden rows of the target positions, their labels).
-  transient    the largest short-lived peak: the float32 logits of one loss chunk [chunk, V], held with
-               their exp and their gradient, plus a bf16 logits copy under bf16 (and a bf16 copy of a
-               float32 lm_head weight); under checkpointing, also one decoder block's recompute.
+  loss         what the chunked loss keeps for backward: the gradients it computes in forward, of the
+               target positions' hidden rows [N, D] and of lm_head [V, D] (when lm_head trains).
+  transient    the largest short-lived peak: the float32 logits of one loss chunk [chunk, V], turned
+               into their gradient in place, plus under bf16 their bf16 copies, a bf16 copy of a float32
+               lm_head weight and a chunk's bf16 [V, D] weight gradient; under checkpointing, one
+               decoder block's recompute instead when that is larger.
 
 The first three are exact counts. Activations are COUNTED, not guessed, the way minisft.bench counts
 them: autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks, each storage once, parameters
@@ -172,15 +174,16 @@ def activation_bytes(cfg, batch, length, bf16, lora_r=0, lora_targets="all-linea
 
 
 def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype, weight_trains=True):
-    """The loss's largest moment, in its backward (loss.py's _LinearCrossEntropy): one chunk's
-    [chunk, V] logits, turned into their gradient in place (float32; under bf16 also the bf16 logits
-    and the bf16 gradient), the bf16 copy of a float32 lm_head weight under bf16, and the [V, D]
-    float32 gradient of lm_head before autograd adds it to .grad (when the weight trains)."""
+    """The loss's largest moment, in its forward (loss.py's _LinearCrossEntropy): one chunk's [chunk, V]
+    logits, turned into their gradient in place (float32; under bf16 also the bf16 logits and the bf16
+    gradient), the bf16 copy of a float32 lm_head weight under bf16, and under bf16 one chunk's bf16
+    [V, D] weight gradient before it is added to the float32 one (when the weight trains). The float32
+    [V, D] gradient itself waits for backward: the loss part counts it."""
     chunk = min(LOSS_CHUNK, batch * (length - 1))
     per_logit = 2 + 4 + 2 if bf16 else 4
     weight_copy = 2 * cfg.vocab_size * cfg.hidden_size if bf16 and weight_dtype == torch.float32 else 0
-    weight_grad = 4 * cfg.vocab_size * cfg.hidden_size if weight_trains else 0
-    return chunk * cfg.vocab_size * per_logit + weight_copy + weight_grad
+    chunk_grad = 2 * cfg.vocab_size * cfg.hidden_size if bf16 and weight_trains else 0
+    return chunk * cfg.vocab_size * per_logit + weight_copy + chunk_grad
 
 
 def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear", grad_checkpointing=False,

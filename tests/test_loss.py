@@ -126,6 +126,22 @@ def test_chunked_matches_plain(chunk_size, dtype, tol):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=tol, atol=tol)
 
 
+def test_chunked_gradient_computed_in_forward_takes_the_callers_scale():
+    """The gradients are made in forward; backward scales them by what comes back (the trainer divides
+    the sum by the step's target count), and a second backward through the same graph is refused."""
+    _, hidden, weight, labels = make_batch(B=2, T=15, V=40, D=8, p_mask=0.3, dtype=torch.float64, seed=7)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain, n = masked_cross_entropy(h1 @ w1.T, labels)
+    chunked, _ = chunked_cross_entropy(h2, w2, labels, chunk_size=4)
+    (plain / n * -2.5).backward()
+    (chunked / n * -2.5).backward(retain_graph=True)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        chunked.backward()
+
+
 def saved_bytes(fn):
     """Run fn() and return the bytes of distinct storages autograd keeps alive for backward."""
     storages = {}
@@ -151,7 +167,7 @@ def test_chunked_keeps_no_full_logits_for_backward():
     # The chunked path keeps its inputs (weight, the selected hidden rows) and no logits of any chunk.
     (loss, _), chunked = saved_bytes(lambda: chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk))
     assert chunked < logits_bytes // 4, f"{chunked} bytes saved for backward vs {logits_bytes} for full logits"
-    loss.backward()  # recomputation during backward works
+    loss.backward()  # the gradients kept for backward reach both inputs
     assert hidden.grad is not None and weight.grad is not None
 
 
