@@ -26,7 +26,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from minisft.files import commit_dir, replace_file
+from minisft.files import commit_dir, replace_file, write_error
 
 
 def checkpoint_names(model):
@@ -109,7 +109,10 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
             json.dump(state, f, indent=1)
             f.write("\n")
         commit_dir(tmp, final)
-    except BaseException:
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, e) from e
+    except BaseException:  # Ctrl-C: leave no temporary folder either, and let the interrupt go on
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(ckpt_dir)[:-keep]:

@@ -43,6 +43,15 @@ def sync_tree(folder):
         fsync_dir(here)
 
 
+def write_error(path, e):
+    """A failure while writing `path` -> one OSError naming it, for the CLI's one-line error. A full
+    disk reaches us as OSError from open() or write(), but as RuntimeError from torch.save's zip
+    writer and as safetensors' own error class from save_file, so the writers catch Exception, remove
+    what they half-wrote, and raise this instead."""
+    reason = " ".join(str(e).split()) or type(e).__name__
+    return OSError(f"{path}: could not be written ({reason}); nothing half-written was left behind. Is the disk full?")
+
+
 def commit_dir(tmp, final):
     """Make the finished temporary folder `tmp` durable and rename it to `final` (which must not
     exist, or be an empty folder on POSIX); then record the rename in the parent."""

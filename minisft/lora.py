@@ -31,7 +31,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minisft.files import read_json
+from minisft.files import read_json, write_error
 from minisft.weights import _fresh_name, _write_json, load_pretrained, save_pretrained
 
 ALL_LINEAR = "all-linear"
@@ -243,6 +243,9 @@ def _write_durably(out_dir, write, overwrite):
             raise
         _fsync(parent)
         shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out_dir, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

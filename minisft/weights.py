@@ -352,6 +352,9 @@ def save_pretrained(model, tokenizer, out_dir, chat_template=None, overwrite=Fal
                 os.rmdir(out_dir)  # empty: a folder cannot be renamed onto it on every OS
             os.rename(tmp, out_dir)
         disk.fsync_dir(parent)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk.write_error(out_dir, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -248,6 +248,30 @@ def test_checkpoint_is_atomic(tiny, tmp_path, monkeypatch):
     assert summary["steps"] == 6 and not junk.exists()
 
 
+def test_a_full_disk_is_a_one_line_error_and_leaves_no_half_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    """torch.save reports a full disk as RuntimeError (its zip writer), not OSError: the CLI still says
+    what could not be written in one line, exits 2, and the earlier checkpoint is all that is left."""
+    out = tmp_path / "full"
+    calls = {"n": 0}
+    real = C.torch.save
+
+    def full_disk(obj, path, *a, **k):  # the second checkpoint's optimizer.pt hits a full disk
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 49614848 vs 49614740")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(C.torch, "save", full_disk)
+    argv = ["--model", tiny["model"], "--data", tiny["train"], "--val-data", tiny["val"], "--out", str(out),
+            "--batch-size", "4", "--grad-accum", "2", "--max-steps", "6", "--save-every", "2", "--eval-every", "0",
+            "--sample-every", "0", "--plot-every", "0", "--device", "cpu"]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "step_000004: could not be written" in err, err
+    assert "Is the disk full?" in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000002"]  # no half-written step_000004, no temp
+
+
 def test_cli_run_writes_everything_and_transformers_loads_it(tiny, tmp_path, capsys):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "minisft.train", "--model", tiny["model"], "--data", tiny["train"],

@@ -357,3 +357,18 @@ def test_tokenizer_matches_transformers(smollm2_dir, tokenizer):
         assert tokenizer.encode(text) == hf(text)["input_ids"]
     assert tokenizer.chat_template == hf.chat_template
     assert tokenizer.vocab_size == len(hf)
+
+
+def test_a_failed_write_names_the_folder_and_keeps_the_old_model(tmp_path, monkeypatch):
+    """safetensors and torch report a full disk with their own error classes: save_pretrained turns any
+    failure into one OSError naming the folder, removes its temporary folder and keeps the model there."""
+    first = save_pretrained(tiny_model(), None, tmp_path / "m")
+    before = sorted(os.listdir(first))
+
+    def full_disk(*a, **k):
+        raise RuntimeError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(weights, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"m: could not be written \(No space left on device .*Is the disk full\?"):
+        save_pretrained(tiny_model(), None, tmp_path / "m", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["m"] and sorted(os.listdir(first)) == before  # no temp, old model kept
