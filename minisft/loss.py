@@ -112,7 +112,10 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
         raise ValueError(f"loss.py: chunk_size must be >= 1, got {chunk_size}")
     h, targets = _select_targets(hidden, labels)  # [N, D], [N]
     _check_ids(targets, weight.shape[0])
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk_size), targets.numel()
+    # Inside a Function's forward grad mode is always off and needs_input_grad ignores no_grad(), so
+    # whether a backward can come (evaluation: no) is decided here, out of forward.
+    grads = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_size, grads), targets.numel()
 
 
 def _mm_dtype(t):
@@ -146,8 +149,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
-        need_h, need_w = ctx.needs_input_grad[:2]
+    def forward(ctx, h, weight, targets, chunk_size, grads):
+        need_h, need_w = (grads and need for need in ctx.needs_input_grad[:2])
         dtype = _mm_dtype(h)
         hc, wc = h.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=h.device)
@@ -185,7 +188,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Scaled in place: the graph is freed after this backward (a second one through it would be
         # refused by autograd's check of the saved tensors' versions, not given wrong numbers).
         return (None if dh is None else dh.mul_(grad.to(dh.dtype)),
-                None if dw is None else dw.mul_(grad.to(dw.dtype)), None, None)
+                None if dw is None else dw.mul_(grad.to(dw.dtype)), None, None, None)
 
 
 @torch.no_grad()

@@ -142,6 +142,29 @@ def test_chunked_gradient_computed_in_forward_takes_the_callers_scale():
         chunked.backward()
 
 
+def test_chunked_under_no_grad_projects_once():
+    """Evaluation runs under no_grad: the loss alone, one matmul per chunk, no gradients made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_, torch.ops.aten.addmm):
+                CountMatmuls.n += 1
+            return func(*args, **(kwargs or {}))
+
+    _, hidden, weight, labels = make_batch(B=2, T=9, V=30, D=8, p_mask=0.0, dtype=torch.float32, seed=1)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with torch.no_grad(), CountMatmuls():
+        chunked_cross_entropy(hidden, weight, labels, chunk_size=100)
+    assert CountMatmuls.n == 1
+    with CountMatmuls():  # with a backward to come: the logits, then dh and dW
+        chunked_cross_entropy(hidden, weight, labels, chunk_size=100)
+    assert CountMatmuls.n == 1 + 3
+
+
 def saved_bytes(fn):
     """Run fn() and return the bytes of distinct storages autograd keeps alive for backward."""
     storages = {}
