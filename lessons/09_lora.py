@@ -209,8 +209,8 @@ def main():
     print(f"\n5. evaluation on {len(records)} test conversations ({TEST_DATA}), greedy:")
     models = {name: load_pretrained(path, device="cpu")[0]
               for name, path in (("full FT", full_final), ("LoRA", lora_summary["final"]))}
-    table = [(name, evaluate_model(model, tok, records, template, MAX_NEW_TOKENS)[1]) for name, model in models.items()]
-    print(format_table(table))
+    evals = {name: evaluate_model(model, tok, records, template, MAX_NEW_TOKENS) for name, model in models.items()}
+    print(format_table([(name, summary) for name, (_, summary) in evals.items()]))
     print("   (rate / number of prompts it is measured on)")
     # What a reference run (300 steps each, lesson 6's run as the full fine-tune) showed: LoRA learnt
     # the format less fully (89% of answers end with <|im_end|>, against 100%), says fewer of the seen
@@ -232,10 +232,9 @@ def main():
     print(f"\n6. merged {len(names)} LoRA layers -> {merged_dir}")
     print(f"   on disk: adapter {size['adapter'] / 1024:.0f} KB (needs the base model), merged model "
           f"{size['merged'] / 1024:.0f} KB (stands alone)")
-    prompts = [r["prompt"] for r in records]
+    a = [r["answer_ids"] for r in evals["LoRA"][0]]  # the adapter model's answers of step 5
     with torch.no_grad():
-        a = generate_answers(models["LoRA"], tok, prompts, template, MAX_NEW_TOKENS)
-        b = generate_answers(merged, tok, prompts, template, MAX_NEW_TOKENS)
+        b = generate_answers(merged, tok, [r["prompt"] for r in records], template, MAX_NEW_TOKENS)
         probe = {k: v[:8] for k, v in batch.items()}
         args_ = (probe["input_ids"], probe["position_ids"], probe["attention_mask"])
         diff = (models["LoRA"](*args_) - merged(*args_)).abs().max().item()

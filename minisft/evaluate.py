@@ -208,8 +208,8 @@ def check_answer(tokenizer, new_ids, record, subjects=()):
     has_trace = text.lstrip().startswith("<think>") and "</think>" in text  # a trace opens AND closes
     think_ok = None if think is None else (has_trace if think else "<think>" not in text)
     answer = record["meta"].get("answer")
-    return {"answer_text": text, "n_tokens": len(new_ids), "ends_with_im_end": ended, "role_leak": leak,
-            "format_ok": ended and not leak, "think_requested": think, "has_think": "<think>" in text,
+    return {"answer_text": text, "answer_ids": list(new_ids), "n_tokens": len(new_ids), "ends_with_im_end": ended,
+            "role_leak": leak, "format_ok": ended and not leak, "think_requested": think, "has_think": "<think>" in text,
             "has_trace": has_trace, "think_ok": think_ok, "kind": record["meta"].get("kind"), "expected": answer,
             "correct": None if answer is None else is_right(final_answer(text), answer,
                                                             record["meta"].get("subject"), subjects)}

@@ -157,8 +157,10 @@ def test_check_answer_format_and_think():
     think = {"prompt": [{"role": "system", "content": "x /think"}], "meta": {"answer": "8", "kind": "arithmetic"}}
     plain = {"prompt": [{"role": "system", "content": "x /no_think"}], "meta": {"answer": "8", "kind": "arithmetic"}}
     end = [tok.im_end_id]
-    good = check_answer(tok, tok.encode("<think>\n3 + 5 = 8.\n</think>\nIt is 8.") + end, think)
+    ids = tok.encode("<think>\n3 + 5 = 8.\n</think>\nIt is 8.") + end
+    good = check_answer(tok, ids, think)
     assert good["format_ok"] and good["think_ok"] and good["correct"]
+    assert good["answer_ids"] == ids  # the generation itself, stop token included (lesson 9 compares them)
     wrong_in_trace = check_answer(tok, tok.encode("<think>\nit is 8\n</think>\nIt is 9.") + end, think)
     assert wrong_in_trace["format_ok"] and not wrong_in_trace["correct"]  # only the final answer counts
     assert not check_answer(tok, tok.encode("It is 8.") + end, think)["think_ok"]
