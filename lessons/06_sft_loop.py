@@ -32,7 +32,7 @@ RUNS = os.environ.get("MINISFT_RUNS", os.path.join(ROOT, "runs"))  # where run o
 sys.path.insert(0, ROOT)
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import REAL_MODEL_RECIPE, TRAIN_DATA, same_model, sft_config
+from minisft.evaluate import REAL_MODEL_RECIPE, TRAIN_DATA, VAL_DATA, same_model, sft_config
 from minisft.generate import chat
 from minisft.train import train
 from minisft.weights import load_pretrained
@@ -65,7 +65,8 @@ KNOBS = dict(
 FAST_STEPS = 30  # MINISFT_FAST=1: CI only checks that the lesson runs
 OUT = os.path.join(RUNS, "06_sft_loop")
 # New: a second, short run that over-fits on purpose, to see the trainer's over-fitting warning.
-OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=10, overfit_evals=3)  # 60 steps = 12 epochs (5 packed micro-batches)
+OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=10, overfit_evals=3,  # 60 steps = 12 epochs (5 packed micro-batches)
+               n_val=64)  # the first 64 validation conversations: enough to see the gap, a third of the time
 QUESTIONS = [  # asked to the fine-tuned model at the end
     [{"role": "system", "content": "You are a concise assistant. /no_think"},
      {"role": "user", "content": "What is 7 + 5?"}],
@@ -121,15 +122,16 @@ def overfit_demo(model):
         return
     out = OUT + "_overfit"
     os.makedirs(out, exist_ok=True)
-    small = os.path.join(out, "train_32.jsonl")
-    with open(TRAIN_DATA, encoding="utf-8") as src, open(small, "w", encoding="utf-8") as dst:
-        dst.writelines(line for _, line in zip(range(OVERFIT["n_conversations"]), src))
+    small, small_val = os.path.join(out, "train_32.jsonl"), os.path.join(out, "val_64.jsonl")
+    for path, first, n in ((TRAIN_DATA, small, "n_conversations"), (VAL_DATA, small_val, "n_val")):
+        with open(path, encoding="utf-8") as src, open(first, "w", encoding="utf-8") as dst:
+            dst.writelines(line for _, line in zip(range(OVERFIT[n]), src))
     print(f"\nover-fitting on purpose: {OVERFIT['n_conversations']} conversations, {OVERFIT['max_steps']} steps -> "
           f"{os.path.relpath(out)}")
     knobs = dict(KNOBS, max_steps=OVERFIT["max_steps"], eval_every=OVERFIT["eval_every"],
                  overfit_evals=OVERFIT["overfit_evals"], batch_size=8, grad_accum=1, patience=0,
                  sample_every=0, plot_every=0, log_every=OVERFIT["max_steps"])
-    summary = train(sft_config(out, model=model, data=small, **knobs))
+    summary = train(sft_config(out, model=model, data=small, val_data=small_val, **knobs))
     # The warning above fires once the val loss sits ABOVE the train loss and the gap keeps growing:
     # the train loss falls towards 0 while the val loss hardly moves -- these 32 answers are being
     # learnt by heart, not the task. More data, fewer epochs or --patience are the usual answers.
