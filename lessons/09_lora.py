@@ -24,7 +24,7 @@ LoRA then gets the same number of steps. When it is missing, both runs are train
 BOTH_STEPS steps each (half of lesson 6's 300: two full-length runs would take over two minutes).
 Out:  runs/09_lora/lora/ (the LoRA run: final/ is a peft adapter folder), runs/09_lora/full/ (when
       trained here), runs/09_lora/merged/ (the merged model), runs/09_lora/compare.png
-About a minute and a half on 2 CPU cores. MINISFT_FAST=1 trains 30 steps and evaluates 40 records (for CI).
+About 65-80 s on 2 CPU cores. MINISFT_FAST=1 trains 30 steps and evaluates 40 records (for CI).
 """
 import argparse
 import os

@@ -24,7 +24,7 @@ Read along:
   minisft/heap.py        why a CPU run's resident memory exceeds its tensors, and the two settings minisft changes
 
 Run:  python lessons/11_speed_and_memory.py [--model data/base-model]
-About 30 s on 2 CPU cores. MINISFT_FAST=1 times fewer steps (for CI). Times are wall-clock medians:
+About 10 s on 2 CPU cores. MINISFT_FAST=1 times fewer steps (for CI). Times are wall-clock medians:
 on a busy machine they move; the byte counts do not.
 """
 import argparse
