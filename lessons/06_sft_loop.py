@@ -122,10 +122,8 @@ def overfit_demo(model):
         return
     out = OUT + "_overfit"
     os.makedirs(out, exist_ok=True)
-    small, small_val = os.path.join(out, "train_32.jsonl"), os.path.join(out, "val_64.jsonl")
-    for path, first, n in ((TRAIN_DATA, small, "n_conversations"), (VAL_DATA, small_val, "n_val")):
-        with open(path, encoding="utf-8") as src, open(first, "w", encoding="utf-8") as dst:
-            dst.writelines(line for _, line in zip(range(OVERFIT[n]), src))
+    small = first_records(TRAIN_DATA, os.path.join(out, "train_32.jsonl"), OVERFIT["n_conversations"])
+    small_val = first_records(VAL_DATA, os.path.join(out, "val_64.jsonl"), OVERFIT["n_val"])
     print(f"\nover-fitting on purpose: {OVERFIT['n_conversations']} conversations, {OVERFIT['max_steps']} steps -> "
           f"{os.path.relpath(out)}")
     knobs = dict(KNOBS, max_steps=OVERFIT["max_steps"], eval_every=OVERFIT["eval_every"],
@@ -137,6 +135,13 @@ def overfit_demo(model):
     # learnt by heart, not the task. More data, fewer epochs or --patience are the usual answers.
     print(f"last train loss {summary['loss']:.4f}, best val loss {summary['best_val_loss']:.4f}: the gap is "
           f"memorised answers. Plot: {os.path.relpath(os.path.join(out, 'loss.png'))}")
+
+
+def first_records(src_path, dst_path, n):
+    """Copy the first n records (lines) of a .jsonl file to dst_path; return dst_path."""
+    with open(src_path, encoding="utf-8") as src, open(dst_path, "w", encoding="utf-8") as dst:
+        dst.writelines(line for _, line in zip(range(n), src))
+    return dst_path
 
 
 if __name__ == "__main__":
