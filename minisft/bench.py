@@ -1,13 +1,16 @@
 """How fast is a real SFT run? minisft's trainer against TRL's SFTTrainer, end to end.
 
     python -m minisft.bench [--model data/base-model] [--steps 30] [--repeats 3] [--device cpu] [--threads 1] [--json]
+                            [--dtype auto|float32|bfloat16]
     python -m minisft.bench --mode micro [--batch 4] [--seq 256]     # one step, model against model
 
 Read it after lesson 6. Each trainer runs the same job through its command line, in its own process:
 data file -> chat template -> batches -> optimizer steps (minisft: `python -m minisft.train`;
 TRL: `python -m minisft.bench_trl`, skipped with a note when trl is not installed). Same model
-folder in float32, same conversations, same batch, accumulation and max length, AdamW at 5e-5 with
-a cosine decay. Runs alternate (minisft, trl, minisft, trl, ...) so a machine that slows down
+folder with float32 weights, same conversations, same batch, accumulation and max length, AdamW at
+5e-5 with a cosine decay. The matmuls run in --dtype on both sides: float32 on a CPU; on CUDA
+bfloat16 autocast (each trainer's own: minisft `--dtype bfloat16`, TRL `bf16=True`), since that is
+how a GPU is used and float32 there would time a mode nobody trains in. Runs alternate (minisft, trl, minisft, trl, ...) so a machine that slows down
 hurts both; each number is the median over --repeats runs.
 
 Columns:
@@ -121,12 +124,12 @@ def job_commands(job, args, work, model, max_length):
         mine += {"grouped/skewed": ["--group-by-length"], "best/skewed": ["--packing"],
                  "ckpt/skewed": ["--grad-checkpointing"], "shipped/skewed": ["--packing", "--grad-checkpointing"]
                  }.get(job, [])
-    mine = py + ["minisft.train", "--model", model, "--data", data, "--overwrite", "--dtype", "float32"] + common + mine
+    mine = py + ["minisft.train", "--model", model, "--data", data, "--overwrite", "--dtype", args.dtype] + common + mine
     trl = None
     if args.trl and job not in ("grouped/skewed", "ckpt/skewed"):
         trl = py + ["minisft.bench_trl", "--model", model, "--data", data] + common + [
             f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
-            f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"]
+            f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"] + (["--bf16"] if args.dtype == "bfloat16" else [])
         trl += {"best/skewed": ["--packing", "--gradient-checkpointing"],
                 "shipped/skewed": ["--gradient-checkpointing"]}.get(job, [])
     return mine, trl
@@ -150,7 +153,7 @@ def end_to_end(args):
     cfg, n_params = model.config, model.num_parameters()
     max_length = min(args.max_length, cfg.max_position_embeddings)
     gemm_tokens = min(4096, args.batch_size * max_length)
-    peak = gemm_peak_flops(cfg.hidden_size, cfg.intermediate_size, gemm_tokens, args.device)
+    peak = gemm_peak_flops(cfg.hidden_size, cfg.intermediate_size, gemm_tokens, args.device, args.dtype)
     l6_params = load_pretrained(DEFAULT_MODEL, dtype="float32", device="cpu")[0].num_parameters()
     notes = [] if args.trl else ["TRL rows skipped (--no-trl)"]
     if args.trl and (why := trl_available()):
@@ -176,7 +179,8 @@ def end_to_end(args):
                         raise RuntimeError(f"{job} {trainer} exited with {rc}: {tail[0]} (log {out}.log)")
                     # The matmul peak again after every run, the best one kept: a busy moment of the machine
                     # must not lower the peak and so raise every MFU.
-                    peak = max(peak, gemm_peak_flops(cfg.hidden_size, cfg.intermediate_size, gemm_tokens, args.device))
+                    peak = max(peak, gemm_peak_flops(cfg.hidden_size, cfg.intermediate_size, gemm_tokens, args.device,
+                                                     args.dtype))
                     steps = read_steps(os.path.join(out, "metrics.jsonl" if trainer == "minisft" else "steps.jsonl"))
                     tok_s, step_s, gpu_peak = summarize(steps)
                     results.setdefault((job, trainer), []).append(
@@ -193,7 +197,7 @@ def end_to_end(args):
     return rows, notes, {"gemm_gflops": peak / 1e9, "params": n_params}
 
 
-def format_e2e(rows, notes, meta, decode, device):
+def format_e2e(rows, notes, meta, decode, device, dtype="float32"):
     lines = ["| row | trainer | tokens/s | step ms | peak MB | MFU | wall s | runs |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (JOBS.index(r["job"]), r["trainer"])):
@@ -217,7 +221,7 @@ def format_e2e(rows, notes, meta, decode, device):
         a, b = by["best/skewed", "minisft"], by["shipped/skewed", "trl"]
         lines.append(f"recommended vs as shipped: minisft --packing (best/skewed) runs {speed(a, b)}x the tokens/s of "
                      f"TRL as it ships (shipped/skewed){memory(a, b)}")
-    lines.append(f"MFU peak: a model-shaped float32 matmul reaches {meta['gemm_gflops']:,.1f} GFLOP/s on {device}")
+    lines.append(f"MFU peak: a model-shaped {dtype} matmul reaches {meta['gemm_gflops']:,.1f} GFLOP/s on {device}")
     ours, theirs, same = decode
     lines.append(f"decode (greedy, KV cache): minisft {ours:,.1f} tokens/s"
                  + ("" if theirs is None else f", transformers {theirs:,.1f} tokens/s"
@@ -252,6 +256,8 @@ def main(argv=None):
     p.add_argument("--mode", choices=("e2e", "micro"), default="e2e", help="e2e: the whole job; micro: one step")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the embedded model)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="e2e: the matmuls' dtype in both trainers; auto: bfloat16 autocast on CUDA, else float32")
     p.add_argument("--repeats", type=int, default=None, help="runs per row, the median is shown (e2e 3, micro 5)")
     p.add_argument("--steps", type=int, default=30, help="e2e: optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=8, help="e2e: conversations per micro-batch")
@@ -280,6 +286,9 @@ def main(argv=None):
         if unknown := [r for r in args.rows if r not in JOBS]:
             raise ValueError(f"--rows {unknown[0]}: unknown row (expected some of {', '.join(JOBS)})")
         check_device(args.device)
+        if args.dtype == "auto":  # what minisft.train itself picks on this device
+            cuda = args.device.startswith("cuda")
+            args.dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -291,13 +300,14 @@ def main(argv=None):
             print(format_table(results, args.device, note))
             return 0
         print(f"model {args.model}  {args.steps} steps of {args.batch_size} x {args.grad_accum}  max length "
-              f"{args.max_length}  device {args.device}  median of {args.repeats} run(s) per row", flush=True)
+              f"{args.max_length}  device {args.device} ({args.dtype})  median of {args.repeats} run(s) per row",
+              flush=True)
         rows, notes, meta = end_to_end(args)
-        decode = decode_speed(args.model, args.device, args.decode_tokens, args.repeats)
+        decode = decode_speed(args.model, args.device, args.decode_tokens, args.repeats, args.dtype)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(format_e2e(rows, notes, meta, decode, args.device))
+    print(format_e2e(rows, notes, meta, decode, args.device, args.dtype))
     if args.json:
         print(json.dumps(summary_json(rows, decode, args.device)))
     return 0

@@ -35,35 +35,45 @@ def make_dataset(path, kind, n, seed=0):
     return path
 
 
-def gemm_peak_flops(hidden, intermediate, tokens, device, seconds=1.0):
-    """FLOP/s of a model-shaped matmul [tokens, hidden] @ [hidden, intermediate] in float32.
+def gemm_peak_flops(hidden, intermediate, tokens, device, dtype="float32", seconds=1.0):
+    """FLOP/s of a model-shaped matmul [tokens, hidden] @ [hidden, intermediate] in `dtype`.
 
     The best of many timings over `seconds`: a peak is what the machine CAN do, so the fastest
     run counts, not the typical one (the bench measures it again after every run and keeps the max).
     A core that was idle needs a moment to reach full speed: measured here, the best of 0.3 s right
     after idling came out at 120-145 GFLOP/s, the best of 1 s at 185-187.
+    On a GPU one such matmul takes microseconds, about what a synchronize costs, so each timing
+    there spans `repeat` matmuls queued back to back (as a training step queues them).
     """
-    a = torch.randn(tokens, hidden, device=device)
-    b = torch.randn(hidden, intermediate, device=device)
+    dt = getattr(torch, dtype)
+    a = torch.randn(tokens, hidden, device=device, dtype=dt)
+    b = torch.randn(hidden, intermediate, device=device, dtype=dt)
+    repeat = 1 if torch.device(device).type == "cpu" else 50
     a @ b  # warm-up
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
         _sync(device)
         t0 = time.perf_counter()
-        a @ b
+        for _ in range(repeat):
+            a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, (time.perf_counter() - t0) / repeat)
     return 2 * tokens * hidden * intermediate / best
 
 
 def _sync(device):
-    if torch.device(device).type == "cuda":
+    """Wait for the GPU: its kernels run asynchronously, so a timer read before this would stop early."""
+    kind = torch.device(device).type
+    if kind == "cuda":
         torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
-def decode_speed(model_path, device, new_tokens, repeats, min_rounds=5):
+def decode_speed(model_path, device, new_tokens, repeats, dtype="float32", min_rounds=5):
     """-> (minisft tokens/s, transformers tokens/s or None, same tokens?) for greedy decoding of one prompt.
 
+    Both hold the weights in `dtype` (bfloat16 is how a GPU serves a model; float32 on a CPU).
     Both decode the same prompt in turns (minisft, transformers, minisft, ...) for max(repeats,
     min_rounds) rounds after one warm-up each; each speed is n new tokens over the median time.
     Taking turns matters here: at batch 1 both are bound by reading the weights from memory, so
@@ -75,7 +85,7 @@ def decode_speed(model_path, device, new_tokens, repeats, min_rounds=5):
     from minisft.weights import load_pretrained, resolve_model_dir
 
     folder = resolve_model_dir(model_path)
-    model, tok = load_pretrained(folder, dtype="float32", device=device)
+    model, tok = load_pretrained(folder, dtype=dtype, device=device)
     text = chat_template.render([{"role": "user", "content": "Tell me about the " + "old stone bridge " * 8}],
                                 chat_template.template_for(tok), add_generation_prompt=True)
     prompt = tok.encode(text)
@@ -86,7 +96,7 @@ def decode_speed(model_path, device, new_tokens, repeats, min_rounds=5):
     except ImportError:
         AutoModelForCausalLM = None
     if AutoModelForCausalLM is not None:
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
         ids = torch.tensor([prompt], device=device)
 
         def hf_generate():

@@ -2,7 +2,7 @@
 
     python -m minisft.bench_trl --model DIR --data FILE.jsonl --out DIR --max-steps N
                                 [--batch-size 8] [--grad-accum 1] [--max-length 1024] [--lr 5e-5]
-                                [--packing] [--gradient-checkpointing] [--device cpu]
+                                [--packing] [--gradient-checkpointing] [--device cpu] [--bf16]
 
 minisft.bench runs this file as its own process, once per TRL row; nothing else imports it, and it
 is the only place that imports trl (an optional extra: pip install trl). It writes DIR/steps.jsonl,
@@ -10,7 +10,8 @@ one line per optimizer step, with the same fields minisft's metrics.jsonl has fo
     {"step", "input_tokens" (non-padding tokens of the step), "step_time_s", "peak_mem_mb"}
 so the bench reads both trainers the same way.
 
-The job is the one minisft.train runs: the same model folder in float32, the same conversations
+The job is the one minisft.train runs: the same model folder in float32 (with --bf16, the Trainer's
+bfloat16 autocast over those float32 weights, as minisft's --dtype bfloat16), the same conversations
 ("messages" records) rendered with the model's chat template, AdamW at --lr with a cosine decay and
 no warmup, --batch-size x --grad-accum conversations per step, --max-length tokens per conversation.
 TRL computes the loss on every token here (its default for conversations without a template that
@@ -43,6 +44,7 @@ def main(argv=None):
     p.add_argument("--packing", action="store_true", help='TRL packing, strategy "bfd" (padding-free rows)')
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights), as minisft on CUDA")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -90,7 +92,7 @@ def main(argv=None):
         gradient_accumulation_steps=args.grad_accum, max_length=args.max_length, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=args.seed,
         packing=args.packing, packing_strategy="bfd", gradient_checkpointing=args.gradient_checkpointing,
-        bf16=False, fp16=False, use_cpu=device == "cpu", logging_steps=1, save_strategy="no",
+        bf16=args.bf16, fp16=False, use_cpu=device == "cpu", logging_steps=1, save_strategy="no",
         report_to=[], dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(records),

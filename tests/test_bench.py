@@ -195,6 +195,24 @@ def test_e2e_bad_arguments(capsys):
         assert re.fullmatch(f"error: {message}.*\n", err), (argv, err)
 
 
+def test_dtype_reaches_both_trainers_and_the_peak(tmp_path):
+    """--dtype bfloat16 (what auto means on CUDA) is each trainer's own autocast: minisft --dtype bfloat16,
+    TRL --bf16; float32 (auto on a CPU) gives neither. The matmul peak and decoding take the same dtype."""
+    import argparse
+    from minisft import bench_tools
+
+    for dtype in ("bfloat16", "float32"):
+        args = argparse.Namespace(steps=2, batch_size=2, grad_accum=1, device="cpu", trl=True, dtype=dtype)
+        mine, trl = bench.job_commands("equal/shape", args, str(tmp_path), "MODEL", 64)
+        assert mine[mine.index("--dtype") + 1] == dtype
+        assert ("--bf16" in trl) == (dtype == "bfloat16")
+    flops = bench_tools.gemm_peak_flops(64, 128, 32, "cpu", "bfloat16", seconds=0.05)
+    assert 0 < flops < 1e15
+    mine, theirs, same = bench_tools.decode_speed(DEFAULT_MODEL, "cpu", new_tokens=2, repeats=1, dtype="bfloat16",
+                                                  min_rounds=1)
+    assert mine > 0
+
+
 def test_matmul_peak_is_the_best_of_every_measurement(monkeypatch, capsys, tmp_path):
     """The peak behind MFU is measured before the runs and after each one, and the best counts: a slow
     first measurement (a busy moment) must not raise every MFU."""
