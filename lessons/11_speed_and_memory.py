@@ -173,8 +173,8 @@ def main():
     eff_grouped = data.epoch_padding_efficiency(lengths, BATCH_SIZE * GRAD_ACCUM, BATCH_SIZE, seed=SEED,
                                                 group_by_length=True)
     budget = max(data.token_budget(lengths, BATCH_SIZE), max(lengths))  # as train.py budgets --packing
-    # Each packed micro-batch is ONE row of all its conversations: attention runs per conversation, so the
-    # row may be longer than MAX_LENGTH at no cost, and one row has nothing to pad.
+    # Each packed micro-batch is ONE row of all its conversations: on a CPU attention runs per conversation,
+    # so the row may be longer than MAX_LENGTH at no cost, and one row has nothing to pad.
     packs = [data.collate(rows, tok.pad_id) for rows in data.pack_to_budget(examples, budget, MAX_LENGTH)]
     real = sum(int((b["attention_mask"] != 0).sum()) for b in packs)
     eff_packed = real / sum(b["attention_mask"].numel() for b in packs)

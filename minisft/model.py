@@ -388,6 +388,7 @@ class Attention(nn.Module):
         heads, 2 rows of 1024 tokens in 4 conversations each, a layer's attention forward + backward
         takes ~0.65x the time of the masked call on a CPU, and no [B, 1, T, T] mask is built. So a
         row's length costs nothing in attention, and data.pack_to_budget packs a micro-batch into one row.
+        On a CPU only (see SmolLM.hidden_states): a GPU pays per kernel launched, not per pair.
         The pieces are cut with unbind and split, not indexing: their backward is one stack and one
         cat, where each indexed slice would get a zero-filled gradient of the whole tensor.
         Positions outside every span (padding) get zeros: they carry no loss and are never read.
@@ -520,6 +521,18 @@ def build_attn_mask(attention_mask, past, T, device):
     return (causal[None] & same)[:, None]
 
 
+def attends_per_conversation(device):
+    """Packed rows: one attention call per conversation (Attention.per_conversation) on this device?
+
+    On a CPU, yes: it skips the cross-conversation pairs a masked call computes. On a GPU, no: there
+    a small kernel costs its launch, not its arithmetic, and the loop launches 2-3 kernels per
+    conversation per layer. Measured on an H200 with SmolLM2-135M and packed rows of ~2,300 tokens:
+    the loop ran 3.1k tokens/s, one masked call per layer 6.1k, with the same losses to the last
+    digit (README, "On a GPU"). Other GPUs (MPS) are taken to behave like CUDA here, unmeasured.
+    """
+    return torch.device(device).type == "cpu"
+
+
 def conversation_spans(attention_mask):
     """attention_mask [B, T] of sequence ids -> [(row, start, end), ...] in row-major order, one per
     conversation (a run of equal nonzero ids), or None when some id of a row is not one contiguous
@@ -588,8 +601,9 @@ class SmolLM(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         attn_mask = None  # plain causal (see build_attn_mask): checked once here, not in every layer
         if attention_mask is not None and not (past == 0 and right_padded(attention_mask)):
-            # Packed rows (no cache): one causal attention per conversation; otherwise a dense mask.
-            spans = conversation_spans(attention_mask) if cache is None else None
+            # Packed rows (no cache) on a CPU: one causal attention per conversation; otherwise a dense mask.
+            per_conv = cache is None and attends_per_conversation(input_ids.device)
+            spans = conversation_spans(attention_mask) if per_conv else None
             attn_mask = spans or build_attn_mask(attention_mask, past, T, input_ids.device)
         # Checkpointing keeps only each block's input [B, T, D] for backward and runs the block
         # again to get the rest. Only when a backward will follow, and never with a cache: a

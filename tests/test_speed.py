@@ -124,6 +124,26 @@ def test_packed_rows_attend_per_conversation_with_the_masked_results(monkeypatch
     assert torch.allclose(got[0, 3:], alone[0], atol=1e-10, rtol=0)
 
 
+def test_packed_rows_take_the_mask_where_the_device_says_so(monkeypatch):
+    """Only a CPU attends per conversation (a GPU pays per kernel launch); elsewhere the same packed
+    batch goes through one masked call per layer and gives the same loss and gradients."""
+    assert model_module.attends_per_conversation("cpu")
+    assert not model_module.attends_per_conversation("cuda") and not model_module.attends_per_conversation("mps")
+    model = tiny_model(seed=9)
+    examples = random_examples([9, 14, 5, 7, 3, 12], seed=9)
+    packed = data.collate(data.pack_examples(examples, 24), PAD)
+    calls = []
+    per_conversation = model_module.Attention.per_conversation
+    monkeypatch.setattr(model_module.Attention, "per_conversation",
+                        lambda self, *a: calls.append(1) or per_conversation(self, *a))
+    split = loss_and_grads(model, packed)
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(model_module, "attends_per_conversation", lambda device: False)  # as on a GPU
+    masked = loss_and_grads(model, packed)
+    assert len(calls) == model.config.num_hidden_layers  # the loop did not run again
+    assert_same(split, masked, tol=1e-10)
+
+
 # ---------------------------------------------------------------------------------------------
 # the preallocated KV cache
 # ---------------------------------------------------------------------------------------------
