@@ -1,7 +1,7 @@
 """Will it fit? The memory of a training step, counted before you rent a GPU.
 
     python -m minisft.memory --model M --batch-size 2 --max-length 2048 [--lora-r 8] [--lora-targets all-linear]
-                             [--grad-checkpointing] [--dtype bfloat16|float32] [--json]
+                             [--lora-dropout 0.05] [--grad-checkpointing] [--dtype bfloat16|float32] [--json]
 
 Read with lesson 11 (speed and memory). A training step holds six things at once:
 
@@ -11,7 +11,8 @@ Read with lesson 11 (speed and memory). A training step holds six things at once
                in float32.
   gradients    4 bytes per trainable parameter (float32, like the weights they belong to).
   optimizer    AdamW: two float32 moments per trainable parameter, plus a 4-byte step counter per tensor.
-  activations  what autograd keeps from the forward pass for the backward pass.
+  activations  what autograd keeps from the forward pass for the backward pass (with LoRA dropout, also
+               each adapter's dropout mask: one byte per input number, per adapted layer).
   loss         what the chunked loss keeps for backward: the gradients it computes in forward, of the
                target positions' hidden rows [N, D] and of lm_head [V, D] (when lm_head trains).
   transient    the largest short-lived peak: the float32 logits of one loss chunk [chunk, V], turned
@@ -26,9 +27,10 @@ weights, but with only 1 and then 2 decoder layers: the difference is the cost o
 is the fixed cost (embedding, final norm). Long sequences are counted at two shorter lengths and fitted
 as a + b*T (a: bf16 copies of weights that autocast keeps, independent of T; b: per token), which is
 exact when nothing grows faster than T: true here, as SDPA's fused attention keeps O(T) per head, and
-every position is made a target (the most the loss can keep). The parts are simply added: an upper
-bound, as gradients fill up while activations are freed. Allocator slack and CUDA's own context (a few
-hundred MB) are not counted.
+every position is made a target (the most the loss can keep). The parts are simply added. Measured
+on an H200 (README, "On a GPU"), the course's SmolLM3-3B LoRA step peaked 0.73 GB above this count,
+with and without checkpointing alike: some short-lived buffer of the GPU run that is not counted here,
+so leave a GB of room. CUDA's own context (a few hundred MB) is in neither.
 
 Sizes are printed in GB = 10^9 bytes.
 
@@ -173,6 +175,20 @@ def activation_bytes(cfg, batch, length, bf16, lora_r=0, lora_targets="all-linea
             "per_layer": layer}
 
 
+def dropout_mask_bytes(model, tokens):
+    """LoRA dropout's masks, kept for backward -> {"all": every adapter's, "block": one decoder block's}.
+
+    Added, not counted: CUDA's fused dropout keeps a bool mask of each adapter's input [tokens, in],
+    one byte per number, while a CPU's dropout keeps a float mask of four, so counting on the CPU
+    would report four times what the GPU holds. `model`: the LoRA model (shapes only is enough).
+    """
+    from minisft.lora import LoRALinear
+
+    def inputs(module):
+        return sum(m.base.in_features for m in module.modules() if isinstance(m, LoRALinear))
+    return {"all": tokens * inputs(model), "block": tokens * inputs(model.model.layers[0])}
+
+
 def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype, weight_trains=True):
     """The loss's largest moment, in its forward (loss.py's _LinearCrossEntropy): one chunk's [chunk, V]
     logits, turned into their gradient in place (float32; under bf16 also the bf16 logits and the bf16
@@ -187,23 +203,28 @@ def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype, weight_trains=T
 
 
 def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear", grad_checkpointing=False,
-             dtype="bfloat16"):
+             dtype="bfloat16", lora_dropout=0.0):
     """-> dict: each part of PARTS in bytes, total, counts and settings. `model`: folder, Hub id or config.json."""
     for flag, value, least in (("batch-size", batch_size, 1), ("max-length", max_length, 2), ("lora-r", lora_r, 0)):
         if value < least:
             raise ValueError(f"--{flag} {value}: expected an integer >= {least}")
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
+    if not 0 <= lora_dropout < 1:
+        raise ValueError(f"--lora-dropout {lora_dropout}: expected a number in [0, 1)")
     cfg = read_config(model)
     length = min(max_length, cfg.max_position_embeddings)  # train.py cuts --max-length the same way
     bf16 = dtype == "bfloat16"
     full = build(cfg, lora_r, lora_targets, bf16, device="meta")  # shapes only, no memory
     parts = state_bytes(full)
     acts = activation_bytes(cfg, batch_size, length, bf16, lora_r, lora_targets, grad_checkpointing)
-    parts["activations"], parts["loss"] = acts["activations"], acts["loss"]
+    masks = dropout_mask_bytes(full, batch_size * length) if lora_r and lora_dropout else {"all": 0, "block": 0}
+    # Checkpointing: a block's masks live only while that block runs again, like the rest of it.
+    parts["activations"] = acts["activations"] + (0 if grad_checkpointing else masks["all"])
+    parts["loss"] = acts["loss"]
     parts["transient"] = max(loss_transient_bytes(cfg, batch_size, length, bf16, full.lm_head.weight.dtype,
                                                   weight_trains=not lora_r),
-                             acts["block"])
+                             acts["block"] + (masks["block"] if grad_checkpointing else 0))
     total = sum(parts[p] for p in PARTS)
     counted = (f"at length {length}" if length <= COUNT_LENGTH else f"at lengths {COUNT_LENGTH // 2} and "
                f"{COUNT_LENGTH} (the loss at {LOSS_COUNT_LENGTH // 2} and {LOSS_COUNT_LENGTH}), fitted as a + b*T "
@@ -213,11 +234,12 @@ def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear",
             f"counted on the CPU, not measured on a GPU")
     return dict(parts, total=total, layers=cfg.num_hidden_layers, batch_size=batch_size, max_length=length,
                 lora_r=lora_r, lora_targets=lora_targets if lora_r else None, grad_checkpointing=grad_checkpointing,
-                dtype=dtype, note=note)
+                dtype=dtype, lora_dropout=lora_dropout if lora_r else 0.0, note=note)
 
 
 def format_report(est):
-    what = f"LoRA r {est['lora_r']} ({est['lora_targets']})" if est["lora_r"] else "full fine-tuning"
+    what = (f"LoRA r {est['lora_r']} ({est['lora_targets']}{', dropout ' + str(est['lora_dropout']) if est['lora_dropout'] else ''})"
+            if est["lora_r"] else "full fine-tuning")
     lines = [f"{what}, batch {est['batch_size']} x {est['max_length']} tokens, {est['dtype']}"
              f"{', activation checkpointing' if est['grad_checkpointing'] else ''}",
              f"parameters {est['n_params']:,}, trainable {est['n_trainable']:,}"]
@@ -234,13 +256,14 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
     p.add_argument("--lora-targets", default="all-linear")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout: its masks are kept for backward")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (autocast, as on a GPU) | float32")
     p.add_argument("--json", action="store_true", help="end with one JSON line (sizes in GB)")
     args = p.parse_args(argv)
     try:
         est = estimate(args.model, args.batch_size, args.max_length, args.lora_r, args.lora_targets,
-                       args.grad_checkpointing, args.dtype)
+                       args.grad_checkpointing, args.dtype, args.lora_dropout)
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -248,7 +271,7 @@ def main(argv=None):
     if args.json:
         out = {f"{k}_gb": round(est[k] / GB, 4) for k in (*PARTS, "total")}
         out.update({k: est[k] for k in ("n_params", "n_trainable", "layers", "batch_size", "max_length", "lora_r",
-                                        "lora_targets", "grad_checkpointing", "dtype")})
+                                        "lora_targets", "lora_dropout", "grad_checkpointing", "dtype")})
         print(json.dumps(out))
     return 0
 

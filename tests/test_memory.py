@@ -101,11 +101,36 @@ def test_json_last_line(capsys):
     assert row["total_gb"] == pytest.approx(sum(parts), abs=1e-3)
 
 
+def test_lora_dropout_adds_one_byte_mask_per_adapter_input():
+    """LoRA dropout keeps a mask of each adapter's input for backward. CUDA's fused dropout
+    (torch.native_dropout, which the CPU can run too) keeps it as bool: one byte per number, which the
+    estimate adds per adapted layer; under checkpointing only one block's, while it runs again."""
+    x = torch.randn(3, 5, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.native_dropout(x, 0.1, True)[0].sum()
+    assert [(t.dtype, t.element_size()) for t in saved] == [(torch.bool, 1)]
+    kw = dict(lora_r=4, dtype="bfloat16")
+    plain = memory.estimate(DEFAULT_MODEL, 2, 32, **kw)
+    drop = memory.estimate(DEFAULT_MODEL, 2, 32, lora_dropout=0.05, **kw)
+    cfg = memory.read_config(DEFAULT_MODEL)
+    # all-linear: q, k, v, gate and up read [.., D]; o_proj reads [.., H * hd]; down_proj reads [.., I]
+    per_layer = 5 * cfg.hidden_size + cfg.num_attention_heads * cfg.head_dim + cfg.intermediate_size
+    assert drop["activations"] - plain["activations"] == 2 * 32 * per_layer * cfg.num_hidden_layers
+    ck_plain = memory.estimate(DEFAULT_MODEL, 2, 32, grad_checkpointing=True, **kw)
+    ck_drop = memory.estimate(DEFAULT_MODEL, 2, 32, grad_checkpointing=True, lora_dropout=0.05, **kw)
+    assert ck_drop["activations"] == ck_plain["activations"]
+    assert ck_drop["transient"] >= ck_plain["transient"]
+    assert memory.estimate(DEFAULT_MODEL, 2, 32, lora_dropout=0.05, dtype="bfloat16")["total"] == \
+        memory.estimate(DEFAULT_MODEL, 2, 32, dtype="bfloat16")["total"]  # no LoRA, no adapters' dropout
+
+
 @pytest.mark.parametrize("args, words", [
     (["--model", "no/such-model-here"], "no/such-model-here"),
     (["--model", "/nonexistent/folder"], "/nonexistent/folder"),
     (["--model", DEFAULT_MODEL, "--dtype", "float16"], "--dtype"),
     (["--model", DEFAULT_MODEL, "--max-length", "1"], "--max-length"),
+    (["--model", DEFAULT_MODEL, "--lora-r", "4", "--lora-dropout", "1.5"], "--lora-dropout"),
 ])
 def test_bad_arguments_are_one_line_errors(capsys, monkeypatch, args, words):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
