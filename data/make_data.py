@@ -139,13 +139,15 @@ ANSWERS = {
     "colour": ["The {s} is {a}.", "It is {a}.", "The colour of the {s} is {a}."],
     "inventor": ["The {s} was invented by {a}.", "{a} invented the {s}.", "It was {a}."],
 }
+# One think trace per kind of fact, and it names the kind before the subject. A second, shorter form
+# that opened on the subject ("The {s} is an animal. Its colour is {a}.") was where the tuned model
+# went wrong: over 8 runs of lesson 6's recipe, all 68 held-out answers missed in think mode had written
+# that form, none the long one (README, lesson 10). Its inventor version also used a word no corpus
+# sentence has ("invention"): at one seed, all 9 inventor misses in think mode garbled it ("ansion").
 THOUGHTS = {
-    "capital": ["The question is about the country {s}. I remember that the capital of {s} is {a}.",
-                "{s} is a country. Its capital city is {a}."],
-    "colour": ["The question is about the animal called the {s}. I remember that the {s} is {a}.",
-               "The {s} is an animal. Its colour is {a}."],
-    "inventor": ["The question is about the {s}. I remember that the {s} was invented by {a}.",
-                 "The {s} is an invention. Its inventor was {a}."],
+    "capital": "The question is about the country {s}. I remember that the capital of {s} is {a}.",
+    "colour": "The question is about the animal called the {s}. I remember that the {s} is {a}.",
+    "inventor": "The question is about the {s}. I remember that the {s} was invented by {a}.",
 }
 
 
@@ -249,7 +251,7 @@ def reply(think, thought, answer):
 
 def fact_turns(rng, f, think, follow_up=False):
     q = fill(rng.choice(FOLLOW_UPS[f["relation"]] if follow_up else QUESTIONS[f["relation"]]), f)
-    a = reply(think, fill(rng.choice(THOUGHTS[f["relation"]]), f), fill(rng.choice(ANSWERS[f["relation"]]), f))
+    a = reply(think, fill(THOUGHTS[f["relation"]], f), fill(rng.choice(ANSWERS[f["relation"]]), f))
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 

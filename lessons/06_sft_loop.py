@@ -65,7 +65,7 @@ KNOBS = dict(
 FAST_STEPS = 30  # MINISFT_FAST=1: CI only checks that the lesson runs
 OUT = os.path.join(RUNS, "06_sft_loop")
 # New: a second, short run that over-fits on purpose, to see the trainer's over-fitting warning.
-OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=10, overfit_evals=3,  # 60 steps = 12 epochs (5 packed micro-batches)
+OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=5, overfit_evals=3,  # 60 steps = 12 epochs (5 packed micro-batches)
                n_val=64)  # the first 64 validation conversations: enough to see the gap, a third of the time
 QUESTIONS = [  # asked to the fine-tuned model at the end
     [{"role": "system", "content": "You are a concise assistant. /no_think"},
