@@ -214,11 +214,11 @@ def main():
     print("   (rate / number of prompts it is measured on)")
     # What this lesson's run shows (README): LoRA learnt the format a little less fully (99% of answers
     # end with <|im_end|>, against 100%), says about as many seen facts (98.5% vs 100%) but far fewer
-    # held-out ones (51.5% vs 93.9%), and never writes a think trace (0% of /think answers, against 88%). <think> is new to the base model: its embedding row and the tied
-    # lm_head row are still random, and LoRA freezes them with every other base weight, so it cannot
-    # train them. Against the earlier full fine-tune that trained every weight (lr 4e-4: 17% of the
-    # held-out facts said) LoRA came out ahead; lesson 6's recipe now leaves the names' embedding rows
-    # alone too (lesson 10).
+    # held-out ones (51.5% vs 93.9%), and never writes a think trace (0% of /think answers, against
+    # 88%). <think> is new to the base model: its embedding row and the tied lm_head row are still
+    # random, and LoRA freezes them with every other base weight, so it cannot train them. Against the
+    # earlier full fine-tune that trained every weight (lr 4e-4: 17% of the held-out facts said) LoRA
+    # came out ahead; lesson 6's recipe now leaves the names' embedding rows alone too (lesson 10).
 
     # ---- 6. merge ----------------------------------------------------------------------------
     # New: merge_lora folds (alpha / r) B A into each W and puts plain nn.Linear layers back:

@@ -10,8 +10,9 @@ TRL: `python -m minisft.bench_trl`, skipped with a note when trl is not installe
 folder with float32 weights, same conversations, same batch, accumulation and max length, AdamW at
 5e-5 with a cosine decay. The matmuls run in --dtype on both sides: float32 on a CPU; on CUDA
 bfloat16 autocast (each trainer's own: minisft `--dtype bfloat16`, TRL `bf16=True`), since that is
-how a GPU is used and float32 there would time a mode nobody trains in. Runs alternate (minisft, trl, minisft, trl, ...) so a machine that slows down
-hurts both; each number is the median over --repeats runs.
+how a GPU is used and float32 there would time a mode nobody trains in. Runs alternate (minisft,
+trl, minisft, trl, ...) so a machine that slows down hurts both; each number is the median over
+--repeats runs.
 
 Columns:
   tokens/s   non-padding tokens per second over the steps after the first two (warm-up, allocator)

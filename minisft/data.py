@@ -510,9 +510,10 @@ def pack_to_budget(examples, max_tokens, max_length):
     each example goes into the FULLEST micro-batch that still has room for it, which fills nearly
     every micro-batch to the budget. A micro-batch is ONE row holding all its conversations, up to
     max_tokens long: on a CPU the model attends per conversation (Attention.per_conversation), so a
-    long row costs no more attention than short ones, and one row has no padding at all. (Rows of max_length
-    would pad: 3 conversations of 700-1000 tokens need 3 rows of 1024, a quarter of them padding
-    that every matmul of the step computes; measured on SmolLM2-135M, one row ran 1.3-1.4x the tokens/s.)
+    long row costs no more attention than short ones, and one row has no padding at all. (Rows of
+    max_length would pad: 3 conversations of 700-1000 tokens need 3 rows of 1024, a quarter of them
+    padding that every matmul of the step computes; measured on SmolLM2-135M, one row ran 1.3-1.4x the
+    tokens/s.)
     No example may be longer than max_length (build_examples cuts them) or than the budget.
 
     Returns a list of micro-batches; each is a list of one packed row in the format of pack_examples
