@@ -288,8 +288,8 @@ def main(argv=None):
             raise ValueError(f"--rows {unknown[0]}: unknown row (expected some of {', '.join(JOBS)})")
         check_device(args.device)
         if args.dtype == "auto":  # what minisft.train itself picks on this device
-            cuda = args.device.startswith("cuda")
-            args.dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+            from minisft.train import cuda_bf16
+            args.dtype = "bfloat16" if cuda_bf16(args.device) else "float32"
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")

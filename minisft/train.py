@@ -185,6 +185,11 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cuda_bf16(device):
+    """True on a CUDA GPU that computes in bfloat16: what --dtype auto (and --base-dtype auto) pick it on."""
+    return str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+
+
 def make_optimizer(model, cfg, lr, device_type):
     """AdamW over param_groups(model). On CUDA the fused kernel updates every tensor of a group in
     one launch, where PyTorch's default there would launch several kernels per step for each group;
@@ -266,7 +271,7 @@ def train(cfg):
     # and halves their memory; the adapters, which do train, stay float32 (lora.py).
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    on_cuda_bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+    on_cuda_bf16 = cuda_bf16(device)
     bf16_base = cfg.lora_r and (cfg.base_dtype == "bfloat16" or (cfg.base_dtype == "auto" and on_cuda_bf16))
     model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     if tokenizer is None:
