@@ -12,7 +12,7 @@ folder with float32 weights, same conversations, same batch, accumulation and ma
 bfloat16 autocast (each trainer's own: minisft `--dtype bfloat16`, TRL `bf16=True`), since that is
 how a GPU is used and float32 there would time a mode nobody trains in. Runs alternate (minisft,
 trl, minisft, trl, ...) so a machine that slows down hurts both; each number is the median over
---repeats runs.
+--repeats runs. Each run says its own figures on stderr as it ends; the table waits for the last.
 
 Columns:
   tokens/s   non-padding tokens per second over the steps after the first two (warm-up, allocator)
@@ -164,10 +164,13 @@ def end_to_end(args):
     os.makedirs(work, exist_ok=True)
     jobs = [j for j in JOBS if j in args.rows]
     results = {}  # (job, trainer) -> list of (tokens/s, step s, peak MB, wall s)
+    done = 0
     try:
+        commands = {job: job_commands(job, args, work, model_dir, max_length) for job in jobs}
+        n_runs = args.repeats * sum(cmd is not None for pair in commands.values() for cmd in pair)
         for r in range(args.repeats):
             for job in jobs:
-                mine, trl = job_commands(job, args, work, model_dir, max_length)
+                mine, trl = commands[job]
                 for trainer, cmd in (("minisft", mine), ("trl", trl)):
                     if cmd is None:
                         continue
@@ -184,8 +187,13 @@ def end_to_end(args):
                                                      args.dtype))
                     steps = read_steps(os.path.join(out, "metrics.jsonl" if trainer == "minisft" else "steps.jsonl"))
                     tok_s, step_s, gpu_peak = summarize(steps)
-                    results.setdefault((job, trainer), []).append(
-                        (tok_s, step_s, gpu_peak if args.device.startswith("cuda") else rss, wall))
+                    mem = gpu_peak if args.device.startswith("cuda") else rss
+                    results.setdefault((job, trainer), []).append((tok_s, step_s, mem, wall))
+                    # One line a run on stderr: a full bench takes many minutes (hours on a real model), and
+                    # the table can only come at the end. stdout stays the table and the JSON line.
+                    done += 1
+                    print(f"[{done}/{n_runs}] {job} {trainer}: {tok_s:,.0f} tokens/s, {step_s * 1e3:,.0f} ms a step, "
+                          f"{'-' if mem is None else f'{mem:,.0f}'} MB, {wall:.0f} s", file=sys.stderr, flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

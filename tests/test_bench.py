@@ -123,14 +123,14 @@ def e2e_run(tmp_path_factory):
     trl = bench.trl_available() is None
     if not trl:
         argv.append("--no-trl")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    buf, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
         rc = bench.main(argv)
-    return rc, buf.getvalue(), trl, work
+    return rc, buf.getvalue(), trl, work, err.getvalue()
 
 
 def test_e2e_table_and_json(e2e_run):
-    rc, out, trl, work = e2e_run
+    rc, out, trl, work, _ = e2e_run
     assert rc == 0, out
     rows = e2e_rows(out)
     trainers = ["minisft", "trl"] if trl else ["minisft"]
@@ -161,6 +161,19 @@ def test_e2e_table_and_json(e2e_run):
     assert (work / "equal_skewed_minisft_0" / "metrics.jsonl").is_file()
     if trl:
         assert (work / "best_skewed_trl_0" / "steps.jsonl").is_file()
+
+
+def test_e2e_says_each_run_as_it_ends(e2e_run):
+    # One progress line a run on stderr, numbered, with that run's own figures; stdout holds only the table.
+    rc, out, trl, work, err = e2e_run
+    lines = [line for line in err.splitlines() if line.startswith("[")]
+    expected = [(job, t) for job in ("equal/skewed", "best/skewed", "shipped/skewed")
+                for t in (["minisft", "trl"] if trl else ["minisft"])]
+    assert len(lines) == len(expected), err
+    for i, (line, (job, trainer)) in enumerate(zip(lines, expected), 1):
+        assert re.fullmatch(rf"\[{i}/{len(expected)}\] {job} {trainer}: [0-9,]+ tokens/s, [0-9,]+ ms a step, "
+                            r"[0-9,]+ MB, [0-9]+ s", line), line
+    assert not any(line.startswith("[") for line in out.splitlines())
 
 
 def test_e2e_without_trl_says_so(monkeypatch, capsys, tmp_path):
