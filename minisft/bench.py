@@ -164,7 +164,6 @@ def end_to_end(args):
     os.makedirs(work, exist_ok=True)
     jobs = [j for j in JOBS if j in args.rows]
     results = {}  # (job, trainer) -> list of (tokens/s, step s, peak MB, wall s)
-    done = 0
     try:
         commands = {job: job_commands(job, args, work, model_dir, max_length) for job in jobs}
         n_runs = args.repeats * sum(cmd is not None for pair in commands.values() for cmd in pair)
@@ -191,7 +190,7 @@ def end_to_end(args):
                     results.setdefault((job, trainer), []).append((tok_s, step_s, mem, wall))
                     # One line a run on stderr: a full bench takes many minutes (hours on a real model), and
                     # the table can only come at the end. stdout stays the table and the JSON line.
-                    done += 1
+                    done = sum(len(runs) for runs in results.values())
                     print(f"[{done}/{n_runs}] {job} {trainer}: {tok_s:,.0f} tokens/s, {step_s * 1e3:,.0f} ms a step, "
                           f"{'-' if mem is None else f'{mem:,.0f}'} MB, {wall:.0f} s", file=sys.stderr, flush=True)
     finally:
