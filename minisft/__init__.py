@@ -3,9 +3,9 @@
 `from minisft import load_pretrained, save_pretrained` works; the import is lazy so that the pure-Python
 modules (chat_template, data loading) can be used without loading torch.
 """
-from minisft import heap
+from minisft.fast import heap
 
-heap.use_huge_pages()  # before torch allocates anything: large CPU tensors in 2 MB pages (heap.py says why)
+heap.use_huge_pages()  # before torch allocates anything: large CPU tensors in 2 MB pages (fast/heap.py)
 
 __all__ = ["load_pretrained", "save_pretrained"]
 

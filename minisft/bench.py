@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from minisft import heap
+from minisft.fast import heap
 from minisft.bench_micro import (ROWS, benchmark, check_device, format_table, make_batch,  # noqa: F401
                                  minisft_fns, saved_for_backward_bytes, step_fns)
 from minisft.bench_tools import decode_speed, gemm_peak_flops, make_dataset

@@ -45,6 +45,7 @@ import sys
 
 import torch
 
+from minisft import fast
 from minisft.files import read_json
 from minisft.loss import chunked_cross_entropy
 from minisft.model import ModelConfig, SmolLM
@@ -70,7 +71,7 @@ def read_config(model):
 
 
 def build(cfg, lora_r=0, lora_targets="all-linear", bf16=True, device="cpu"):
-    """The model as it is trained: all float32, or (LoRA) a frozen base + float32 adapters.
+    """The model as the trainer runs it (fast.apply'd): all float32, or (LoRA) a frozen base + float32 adapters.
 
     Built on "meta" (shapes only) and, unless device is "meta", given random weights once: uniform,
     which is quicker to draw than the normal init, and values do not change what autograd saves.
@@ -88,7 +89,7 @@ def build(cfg, lora_r=0, lora_targets="all-linear", bf16=True, device="cpu"):
         if bf16:
             model.to(torch.bfloat16)  # a frozen base needs no float32 master copy
         add_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=lora_targets)
-    return model.train()
+    return fast.apply(model).train()
 
 
 def state_bytes(model):

@@ -1,4 +1,4 @@
-"""heap.py: the huge-page switch minisft sets before torch loads (unless the user chose), that it
+"""fast/heap.py: the huge-page switch minisft sets before torch loads (unless the user chose), that it
 reaches torch's allocator and changes no number of the training, and that the bench runs TRL without it."""
 import os
 import subprocess
@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from minisft import bench, heap
+from minisft import bench
+from minisft.fast import heap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOW = "import minisft, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
 

@@ -1,4 +1,4 @@
-"""RMSNormFn, NormLinearsFn and SwiGLUFn (model.py): hand-written backwards that keep less for
+"""RMSNormFn, NormLinearsFn and SwiGLUFn (minisft/fast/): hand-written backwards that keep less for
 backward. Their gradients pass gradcheck; a model built with them gives the same outputs (bitwise),
 losses and gradients as the same model written with plain ops (full fine-tuning, checkpointing, LoRA,
 bf16 autocast, biased MLPs, frozen MLPs), float32 and bf16 autocast gradients bit for bit; a decoder
@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from minisft import memory
 from minisft.lora import add_lora
 from minisft.loss import chunked_cross_entropy
-from minisft import model as model_module
-from minisft.model import MLP, ModelConfig, NormLinearsFn, RMSNorm, RMSNormFn, SmolLM, SwiGLUFn
+from minisft import fast
+from minisft.fast import modules as fast_modules
+from minisft.fast.functions import NormLinearsFn, RMSNormFn, SwiGLUFn
+from minisft.model import ModelConfig, RMSNorm, SmolLM
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
@@ -30,23 +32,23 @@ def plain_norm(self, x):
     return self.weight * x.to(dtype)
 
 
-def plain_mlp(self, x, norm=None):
-    x = x if norm is None else norm(x)
-    return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 def plain_project(norm, linears, x):
     y = x if norm is None else norm(x)
     return tuple(m(y) for m in linears)
 
 
 @contextlib.contextmanager
-def plain_ops():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RMSNorm, "forward", plain_norm)
-        mp.setattr(MLP, "forward", plain_mlp)
-        mp.setattr(model_module, "project", plain_project)
+def plain_ops(model):
+    """The same model, the same parameters, run as model.py's plain modules (fast.apply undone)."""
+    back = {twin: plain for plain, twin in fast_modules.TWINS.items()}
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in back]
+    for m, cls in swapped:
+        m.__class__ = back[cls]
+    try:
         yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def test_gradcheck_float64():
@@ -115,7 +117,7 @@ def test_same_outputs_and_gradients_as_plain_ops(x_dtype, w_dtype):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b, **tol)
     # The module's no-grad path gives the same bits as its Function path.
-    mod = RMSNorm(16, 1e-5).to(w_dtype)
+    mod = fast.apply(RMSNorm(16, 1e-5).to(w_dtype))
     mod.weight.data.copy_(w0)
     with torch.no_grad():
         assert torch.equal(mod(x0), ours[0])
@@ -136,7 +138,7 @@ def loss_and_grads(model, ids, labels, autocast=False):
                                      "mlp bias", "frozen mlps"])
 def test_model_same_loss_and_gradients_as_plain_ops(setting):
     torch.manual_seed(0)
-    model = SmolLM(ModelConfig(**TINY, mlp_bias=setting == "mlp bias")).train()
+    model = fast.apply(SmolLM(ModelConfig(**TINY, mlp_bias=setting == "mlp bias")).train())
     if setting == "frozen mlps":  # --freeze-top-mlps: no gradient for down_proj.weight, nor gate/up
         model.model.layers[-1].mlp.requires_grad_(False)
     with torch.no_grad():  # norm gains away from 1, so their gradient paths are exercised
@@ -157,7 +159,7 @@ def test_model_same_loss_and_gradients_as_plain_ops(setting):
     labels[:, :3] = -100
     autocast = setting == "bf16 autocast"
     hidden, loss, grads = loss_and_grads(model, ids, labels, autocast)
-    with plain_ops():
+    with plain_ops(model):
         ref_hidden, ref_loss, ref_grads = loss_and_grads(model, ids, labels, autocast)
     assert torch.equal(hidden, ref_hidden) and torch.equal(loss, ref_loss)  # the forward is bitwise the same
     tol = {"float64": 1e-12, "bf16 autocast": 1e-2}.get(setting, 1e-6)
@@ -173,7 +175,7 @@ def test_norm_linears_gives_the_same_bits(autocast):
     """NormLinearsFn alone against the norm followed by its Linears: the same loss and every gradient
     bit for bit, float32 and bf16 autocast (the Linears' gradients are added in autograd's order)."""
     torch.manual_seed(0)
-    model = SmolLM(ModelConfig(**TINY)).train()
+    model = fast.apply(SmolLM(ModelConfig(**TINY)).train())
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, RMSNorm):
@@ -187,7 +189,7 @@ def test_norm_linears_gives_the_same_bits(autocast):
         ours = loss_and_grads(model, ids, labels, autocast)
     assert len(calls) == 2 * TINY["num_hidden_layers"]  # both norms of every layer went through it
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model_module, "project", plain_project)
+        mp.setattr(fast_modules, "project", plain_project)
         ref = loss_and_grads(model, ids, labels, autocast)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     assert ours[2].keys() == ref[2].keys()
@@ -200,7 +202,8 @@ def test_a_layer_keeps_less_for_backward(bf16):
     cfg = ModelConfig(**dict(TINY, vocab_size=300, hidden_size=64, intermediate_size=160))
     batch, length = 2, 24
     ours = memory.activation_bytes(cfg, batch, length, bf16)["per_layer"]
-    with plain_ops():
+    with pytest.MonkeyPatch.context() as mp:  # memory.build's model without fast.apply: the plain ops
+        mp.setattr(fast, "apply", lambda model: model)
         plain = memory.activation_bytes(cfg, batch, length, bf16)["per_layer"]
     # Per token, each of the two norms no longer keeps its float32 normalised x [D], nor the normalised
     # x its Linears read (float32: one [D] shared by them; under autocast each Linear's own bf16 copy:
@@ -213,7 +216,7 @@ def test_a_layer_keeps_less_for_backward(bf16):
 
 def test_no_backward_to_come_skips_the_functions(monkeypatch):
     torch.manual_seed(0)
-    model = SmolLM(ModelConfig(**TINY)).train()
+    model = fast.apply(SmolLM(ModelConfig(**TINY)).train())
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
     with_grad = model(ids)
 

@@ -5,8 +5,10 @@ import torch
 
 from minisft import data
 from minisft.generate import generate
-from minisft import model as model_module
-from minisft.model import KVCache, build_attn_mask, conversation_spans, right_padded
+from minisft import fast
+from minisft.fast import modules as fast_modules
+from minisft.fast.packed import attends_per_conversation, conversation_spans
+from minisft.model import KVCache, build_attn_mask, right_padded
 from test_data import PAD, assert_same, loss_and_grads, random_examples, separate_loss_and_grads, tiny_model
 
 
@@ -98,17 +100,16 @@ def test_conversation_spans_are_the_runs_of_each_row():
 def test_packed_rows_attend_per_conversation_with_the_masked_results(monkeypatch):
     """Packed rows (and left padding without a cache) run one causal attention per conversation;
     outputs at real positions and every gradient equal the masked path's."""
-    model = tiny_model(seed=8)
+    model = fast.apply(tiny_model(seed=8))
     examples = random_examples([9, 14, 5, 7, 3, 12, 6], seed=8)
     packed = data.collate(data.pack_examples(examples, 24), PAD)
     assert packed["attention_mask"].max() > 1 and (packed["attention_mask"] == 0).any()  # several convs + padding
     calls = []
-    per_conversation = model_module.Attention.per_conversation
-    monkeypatch.setattr(model_module.Attention, "per_conversation",
-                        lambda self, *a: calls.append(1) or per_conversation(self, *a))
+    per_conversation = fast_modules.per_conversation
+    monkeypatch.setattr(fast_modules, "per_conversation", lambda *a: calls.append(1) or per_conversation(*a))
     split = loss_and_grads(model, packed)
     assert len(calls) == model.config.num_hidden_layers  # the span path ran in every layer
-    monkeypatch.setattr(model_module, "conversation_spans", lambda mask: None)  # force the dense mask
+    monkeypatch.setattr(fast_modules, "conversation_spans", lambda mask: None)  # force the dense mask
     masked = loss_and_grads(model, packed)
     assert len(calls) == model.config.num_hidden_layers
     assert_same(split, masked, tol=1e-10)
@@ -127,18 +128,17 @@ def test_packed_rows_attend_per_conversation_with_the_masked_results(monkeypatch
 def test_packed_rows_take_the_mask_where_the_device_says_so(monkeypatch):
     """Only a CPU attends per conversation (a GPU pays per kernel launch); elsewhere the same packed
     batch goes through one masked call per layer and gives the same loss and gradients."""
-    assert model_module.attends_per_conversation("cpu")
-    assert not model_module.attends_per_conversation("cuda") and not model_module.attends_per_conversation("mps")
-    model = tiny_model(seed=9)
+    assert attends_per_conversation("cpu")
+    assert not attends_per_conversation("cuda") and not attends_per_conversation("mps")
+    model = fast.apply(tiny_model(seed=9))
     examples = random_examples([9, 14, 5, 7, 3, 12], seed=9)
     packed = data.collate(data.pack_examples(examples, 24), PAD)
     calls = []
-    per_conversation = model_module.Attention.per_conversation
-    monkeypatch.setattr(model_module.Attention, "per_conversation",
-                        lambda self, *a: calls.append(1) or per_conversation(self, *a))
+    per_conversation = fast_modules.per_conversation
+    monkeypatch.setattr(fast_modules, "per_conversation", lambda *a: calls.append(1) or per_conversation(*a))
     split = loss_and_grads(model, packed)
     assert len(calls) == model.config.num_hidden_layers
-    monkeypatch.setattr(model_module, "attends_per_conversation", lambda device: False)  # as on a GPU
+    monkeypatch.setattr(fast_modules, "attends_per_conversation", lambda device: False)  # as on a GPU
     masked = loss_and_grads(model, packed)
     assert len(calls) == model.config.num_hidden_layers  # the loop did not run again
     assert_same(split, masked, tol=1e-10)
