@@ -9,25 +9,27 @@ Lesson 6's micro-batch (8 conversations x up to 192 tokens) taken apart, with th
   3. what packing buys: real tokens / slots of random batches, of --group-by-length, and of token-budget
      packing; then useful tokens/s of real forward+backward steps, padded vs packed
   4. what activation checkpointing buys and costs: bytes kept and step time, off vs on
-  5. what minisft's hand-written backwards save: one decoder block's bytes kept for backward, written
-     with plain ops vs with NormLinearsFn and SwiGLUFn (model.py), at equal settings; what a CPU process
-     holds beyond its tensors is minisft/heap.py's story (the README measures it)
+  5. the speed layer (minisft/fast/): model.py's plain RMSNorm next to its hand-written backward, the
+     same numbers out both ways, and what the hand-written backwards save per decoder block; what a CPU
+     process holds beyond its tensors is minisft/fast/heap.py's story (docs/heap.md measures it)
   6. plots -> runs/11_speed_and_memory/memory.png and runs/11_speed_and_memory/speed.png
 
 Read along:
   minisft/memory.py      estimate(): the parts of a step's memory, and how activations are counted
   minisft/loss.py        chunked_cross_entropy: the logits one chunk at a time, recomputed in backward
   minisft/data.py        pack_to_budget / token_budget (packing), epoch_padding_efficiency (padding)
-  minisft/bench_micro.py saved_for_backward_bytes: the saved-tensor count used below
-  minisft/model.py       NormLinearsFn, SwiGLUFn: what a norm + the Linears reading it, and the SwiGLU product +
-                         down_proj keep for backward
-  minisft/heap.py        why a CPU run's resident memory exceeds its tensors, and the two settings minisft changes
+  minisft/model.py       the plain model: RMSNorm, Block, ... as a student reads them
+  minisft/fast/          the speed layer the trainer applies (fast.apply): functions.py's RMSNormFn,
+                         NormLinearsFn, SwiGLUFn keep less for backward; packed.py attends per conversation
+  minisft/fast/heap.py   why a CPU run's resident memory exceeds its tensors, and the setting minisft changes
 
 Run:  python lessons/11_speed_and_memory.py [--model data/base-model]
 About 10 s on 2 CPU cores. MINISFT_FAST=1 times fewer steps (for CI). Times are wall-clock medians:
 on a busy machine they move; the byte counts do not.
 """
 import argparse
+import copy
+import inspect
 import os
 import random
 import statistics
@@ -43,15 +45,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 
-from minisft import data
+from minisft import data, fast
 from minisft.bench_micro import saved_for_backward_bytes
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
 from minisft.loss import batch_loss
 from minisft.memory import PARTS, estimate, read_config
-from minisft.model import Block, rope_cos_sin
+from minisft.fast.functions import rms_norm_backward
+from minisft.model import Block, RMSNorm, rope_cos_sin
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
@@ -91,27 +93,52 @@ def kept_bytes(model, batch, chunked=True):
     return saved_for_backward_bytes(lambda: batch_loss(model, batch, chunked=chunked)[0], list(model.parameters()))
 
 
-# New: one decoder block written with plain ops, as autograd sees it without minisft's Functions. Each norm
-# then also keeps its float32 normalised x [D] for the gain's product, the Linears after it keep its output
-# [D] for their weights' gradients, and the MLP keeps silu(gate) [I] and the product silu(gate) * up [I]
-# that down_proj's weight gradient reads.
-def plain_block(block, x, cos, sin):
-    def norm(n, x):
-        xf = x.float()
-        return n.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + n.eps)).to(x.dtype)
-
-    x = x + block.self_attn(norm(block.input_layernorm, x), cos, sin, None, None)
-    h, mlp = norm(block.post_attention_layernorm, x), block.mlp
-    return x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
-
-
-def block_kept_per_token(block, cfg, T, plain):
+def block_kept_per_token(block, cfg, T):
     """Bytes one block keeps for backward per token, float32, a [1, T] input that requires grad (as in the
     middle of a model). cos and sin are left out with the parameters: every layer shares them."""
     x = torch.randn(1, T, cfg.hidden_size, requires_grad=True)
     cos, sin = rope_cos_sin(torch.arange(T)[None], cfg.head_dim, cfg.rope_theta, x.dtype)
-    fn = (lambda: plain_block(block, x, cos, sin)) if plain else (lambda: block(x, cos, sin, None, None))
-    return saved_for_backward_bytes(fn, list(block.parameters()) + [cos, sin]) / T
+    return saved_for_backward_bytes(lambda: block(x, cos, sin), list(block.parameters()) + [cos, sin]) / T
+
+
+def code_lines(fn):
+    """A function's source without its docstring and comments: the statements only."""
+    lines, in_doc = [], False
+    for line in inspect.getsource(fn).splitlines():
+        quotes = line.count('"""')
+        if in_doc or quotes:
+            in_doc = in_doc != (quotes == 1)  # a one-line docstring opens and closes
+            continue
+        code = line.split("  # ")[0].rstrip()
+        if code.strip() and not code.strip().startswith("#"):
+            lines.append(code)
+    return lines
+
+
+def side_by_side(left, right):
+    """Two listings (lists of lines) printed as two columns."""
+    width = max(map(len, left))
+    for i in range(max(len(left), len(right))):
+        a, b = (left[i] if i < len(left) else ""), (right[i] if i < len(right) else "")
+        print(f"   {a:<{width}} | {b}")
+
+
+# New: model.py's plain RMSNorm and the fast layer's RMSNormFn, run on the same input: the same output bits,
+# the same gradients, and less kept for backward (the float32 normalised x is rebuilt in backward instead).
+def compare_norm(dim, tokens):
+    g = torch.Generator().manual_seed(SEED)
+    plain = RMSNorm(dim, 1e-5)
+    with torch.no_grad():
+        plain.weight.add_(0.2 * torch.randn(dim, generator=g))
+    x0, dy = torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g)
+    out = {}
+    for name, norm in (("plain", plain), ("fast", fast.apply(copy.deepcopy(plain)))):
+        x = x0.clone().requires_grad_()
+        kept = saved_for_backward_bytes(lambda: norm(x), list(norm.parameters()))
+        y = norm(x)
+        y.backward(dy)
+        out[name] = dict(y=y.detach(), dx=x.grad, dw=norm.weight.grad, kept=kept)
+    return out
 
 
 def main():
@@ -122,6 +149,7 @@ def main():
     torch.manual_seed(SEED)
     t_start = time.perf_counter()
     model, tok = load_pretrained(args.model, dtype="float32", device="cpu")
+    fast.apply(model)  # as the trainer runs it: the speed layer of step 5 (model.py's modules, fast twins)
     model.train()  # checkpointing only recomputes in training mode
 
     # 1. New: the memory of one step, counted before it runs. float32 as lesson 6 trains on the CPU.
@@ -213,19 +241,28 @@ def main():
     # Each block's forward runs twice (once more in backward): about 1/3 more compute. A busy machine's
     # wall clock can hide that on a model this small; the bytes above are exact.
 
-    # 5. New: the same block, the same numbers out (bitwise), less kept: NormLinearsFn runs a norm and the
-    # Linears that read it (q, k, v; gate, up), keeps x and rstd [1] and rebuilds the normalised x in
-    # backward; SwiGLUFn keeps gate and up and recomputes silu(gate) and the product silu(gate) * up that
-    # down_proj's weight gradient needs.
-    print(f"\n5. kept for backward by one decoder block, float32, bytes per token: plain ops vs minisft's Functions")
-    blocks = [(model_name, model.model.layers[0], model.config)]
+    # 5. New: the speed layer. model.py's RMSNorm is plain ops: autograd keeps what they need. The fast
+    # twin runs the same forward as RMSNormFn, whose backward is written by hand from what it kept.
+    print("\n5. the speed layer: model.py's plain RMSNorm | its backward written by hand (minisft/fast/functions.py)")
+    side_by_side(code_lines(RMSNorm.forward), code_lines(rms_norm_backward))
+    norm = compare_norm(model.config.hidden_size, MAX_LENGTH)
+    p, f = norm["plain"], norm["fast"]
+    print(f"   the same input through both: output bitwise equal: {torch.equal(p['y'], f['y'])}; "
+          f"max |dx| difference {(p['dx'] - f['dx']).abs().max():.1e}, max |dweight| {(p['dw'] - f['dw']).abs().max():.1e}")
+    print(f"   kept for backward, [{MAX_LENGTH}, {model.config.hidden_size}] float32: plain {p['kept']:,} bytes, "
+          f"RMSNormFn {f['kept']:,} bytes ({p['kept'] - f['kept']:,} saved: the float32 normalised x)")
+    # The same idea across a whole block: NormLinearsFn runs a norm and the Linears that read it (q, k, v;
+    # gate, up) without keeping the normalised x; SwiGLUFn keeps gate and up and recomputes the rest.
+    print(f"   one decoder block, float32, bytes kept for backward per token: plain model.py vs fast.apply")
+    blocks = [(model_name, model.config)]
     if big is not None:
-        big_cfg = read_config(BIG_CONFIG)
-        blocks.append(("SmolLM2-135M", Block(big_cfg, 0).train(), big_cfg))  # random weights: shapes are what count
-    for name, block, cfg in blocks:
-        plain, ours = (block_kept_per_token(block, cfg, MAX_LENGTH, p) for p in (True, False))
+        blocks.append(("SmolLM2-135M", read_config(BIG_CONFIG)))  # random weights: shapes are what count
+    for name, cfg in blocks:
+        plain_block = Block(cfg, 0).train()
+        ours = block_kept_per_token(fast.apply(copy.deepcopy(plain_block)), cfg, MAX_LENGTH)
+        plain = block_kept_per_token(plain_block, cfg, MAX_LENGTH)
         D, I = cfg.hidden_size, cfg.intermediate_size
-        print(f"   {name:<16} plain ops {plain:8,.0f}   minisft {ours:8,.0f}   "
+        print(f"   {name:<16} plain {plain:8,.0f}   fast {ours:8,.0f}   "
               f"(keeps {ours / plain:.0%}: 2 norms x 2 x D={D} + 2 x I={I} floats fewer)")
 
     # 6. The plots.

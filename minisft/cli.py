@@ -44,6 +44,7 @@ HELP = {
     "freeze_embeddings": "train only the chat tokens' embedding rows (text tokens keep their pretrained rows)",
     "freeze_top_mlps": "keep the MLPs of the last N decoder blocks as pretraining left them (0 = none)",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
+    "fast": "apply the speed layer minisft/fast/ (--no-fast: train model.py's plain modules as written)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.
 OPTIONAL_TYPES = {"max_tokens": int, "max_examples": int, "data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
