@@ -18,7 +18,7 @@ Read along:
   minisft/memory.py      estimate(): the parts of a step's memory, and how activations are counted
   minisft/loss.py        chunked_cross_entropy: the logits one chunk at a time, recomputed in backward
   minisft/data.py        pack_to_budget / token_budget (packing), epoch_padding_efficiency (padding)
-  minisft/bench_micro.py saved_for_backward_bytes: the saved-tensor count used below
+  minisft/memory.py      saved_for_backward_bytes: the saved-tensor count used below
   minisft/model.py       NormLinearsFn, SwiGLUFn: what a norm + the Linears reading it, and the SwiGLU product +
                          down_proj keep for backward
   minisft/heap.py        why a CPU run's resident memory exceeds its tensors, and the two settings minisft changes
@@ -45,12 +45,11 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from minisft import data
-from minisft.bench_micro import saved_for_backward_bytes
+from minisft import conversations, data
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
 from minisft.loss import batch_loss
-from minisft.memory import PARTS, estimate, read_config
+from minisft.memory import PARTS, estimate, read_config, saved_for_backward_bytes
 from minisft.model import Block, rope_cos_sin
 from minisft.weights import load_pretrained
 
@@ -147,7 +146,7 @@ def main():
         print(f"   (no {os.path.relpath(BIG_CONFIG)}: the SmolLM2-135M comparison is skipped)")
 
     # A real micro-batch of lesson 6: 8 random conversations, right-padded to the longest.
-    convs, _ = data.load_conversations(DATA)
+    convs, _ = conversations.load_conversations(DATA)
     examples, _ = data.build_examples(tok, convs, template_for(tok), max_length=MAX_LENGTH)
     rng = random.Random(SEED)
     padded = [data.to_device(data.collate(rng.sample(examples, BATCH_SIZE), tok.pad_id), "cpu")
