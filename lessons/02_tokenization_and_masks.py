@@ -3,7 +3,7 @@
 SFT trains the model on the assistant's words only: the prompt is read, not learned. The mask
 is a list of labels, one per token: the token id where we train, -100 where we do not.
 This lesson uses minisft.chat_template.tokenize_conversation and show_mask, then
-minisft.data on the real training file:
+minisft.conversations and minisft.data on the real training file:
 
   1. the mask of one two-turn chat for train_on = assistant / last / all, and train_headers
   2. content that spells a special token is rejected (it would silently end the turn)
@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from minisft import data
+from minisft import conversations, data
 from minisft.chat_template import show_mask, template_for, tokenize_conversation
 from minisft.default_model import DEFAULT_MODEL
 from minisft.tokenizer import Tokenizer
@@ -93,7 +93,7 @@ def main():
 
     # 4. New: the real data set. load_conversations validates every record (errors name file:line);
     # build_examples tokenizes them all and drops examples left with nothing to train on.
-    convs, load_stats = data.load_conversations(DATA)
+    convs, load_stats = conversations.load_conversations(DATA)
     examples, stats = data.build_examples(tok, convs, template, train_on="assistant", max_length=MAX_LENGTH)
     lengths = [len(e["input_ids"]) for e in examples]
     print(f"4. {os.path.relpath(DATA, ROOT)}: {load_stats['loaded']} conversations loaded "
@@ -108,7 +108,9 @@ def main():
     plain = data.epoch_padding_efficiency(lengths, BATCH_SIZE, BATCH_SIZE, seed=0)
     grouped = data.epoch_padding_efficiency(lengths, BATCH_SIZE, BATCH_SIZE, seed=0, group_by_length=True)
     # New: packing -- several conversations per row (block-diagonal attention), done once before batching.
-    packed = data.pack_examples(examples, MAX_LENGTH)
+    # pack_to_budget is the trainer's packer: here a budget of MAX_LENGTH tokens, so no row is longer than one
+    # example may be (the trainer gives it a budget of about a micro-batch of tokens, one row each).
+    packed = [row for mb in data.pack_to_budget(examples, MAX_LENGTH, MAX_LENGTH) for row in mb]
     packed_eff = data.epoch_padding_efficiency([len(r["input_ids"]) for r in packed], BATCH_SIZE, BATCH_SIZE)
     busiest = max(packed, key=lambda r: r["seq_ids"][-1])  # the row holding the most conversations
     batch = data.collate([busiest, packed[0]], tok.pad_id)

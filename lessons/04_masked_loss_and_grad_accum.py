@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from minisft import data
+from minisft import conversations, data
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
 from minisft.loss import batch_loss, chunked_cross_entropy, masked_cross_entropy
@@ -59,7 +59,7 @@ def main():
     args = p.parse_args()
     torch.manual_seed(SEED)
     model, tok = load_pretrained(args.model, dtype="float32", device="cpu")
-    convs, _ = data.load_conversations(DATA)
+    convs, _ = conversations.load_conversations(DATA)
     convs = random.Random(SEED).sample(convs, GLOBAL_BATCH)
     examples, _ = data.build_examples(tok, convs, template_for(tok))
     batch = data.collate(examples, tok.pad_id)  # [B, T], right-padded

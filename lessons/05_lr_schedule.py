@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import REAL_MODEL_RECIPE, same_model
+from minisft.recipes import REAL_MODEL_RECIPE, same_model
 from minisft.plot import plot_runs, read_metrics
 from minisft.schedule import lr_at
 from minisft.train import TrainConfig, train
@@ -39,7 +39,7 @@ BATCH_SIZE = 8
 MAX_LENGTH = 256  # tokens per conversation: every one in data/ fits
 LRS = {"lr_too_high": 3e-2, "lr_good": 2e-3, "lr_too_low": 3e-5}  # run name -> peak lr, for the tiny default
 # With --model a real SmolLM: 3e-5 is no longer too low, and even 1e-3 overwrites what it knows
-# (see REAL_MODEL_RECIPE in minisft/evaluate.py).
+# (see REAL_MODEL_RECIPE in minisft/recipes.py).
 REAL_MODEL_LRS = {"lr_too_high": 3e-2, "lr_good": REAL_MODEL_RECIPE["lr"], "lr_too_low": 1e-6}
 MIN_LR_FRACTION = 0.1  # for the schedule plot: a floor at 10% of the peak
 PLOT_STEPS, PLOT_WARMUP, PLOT_LR = 200, 20, 1e-3  # the schedule of step 1-2 (no training)

@@ -32,8 +32,8 @@ RUNS = os.environ.get("MINISFT_RUNS", os.path.join(ROOT, "runs"))  # where run o
 sys.path.insert(0, ROOT)
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import REAL_MODEL_RECIPE, TRAIN_DATA, VAL_DATA, same_model, sft_config
 from minisft.generate import chat
+from minisft.recipes import REAL_MODEL_RECIPE, TRAIN_DATA, VAL_DATA, same_model, sft_config
 from minisft.train import train
 from minisft.weights import load_pretrained
 

@@ -34,8 +34,8 @@ import matplotlib.pyplot as plt
 
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import (TEST_DATA, evaluate_model, format_table, knowledge_probe, load_records, subjects_of,
-                              tuned_model)
+from minisft.evaluate import evaluate_model, format_table, knowledge_probe, load_records, subjects_of
+from minisft.recipes import TEST_DATA, tuned_model
 from minisft.tokenizer import Tokenizer
 from minisft.weights import load_pretrained
 

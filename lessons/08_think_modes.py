@@ -32,8 +32,9 @@ import matplotlib.pyplot as plt
 
 from minisft.chat_template import render, template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import KINDS, TEST_DATA, evaluate_model, load_records, tuned_model
+from minisft.evaluate import KINDS, evaluate_model, load_records
 from minisft.generate import chat
+from minisft.recipes import TEST_DATA, tuned_model
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------

@@ -38,15 +38,15 @@ sys.path.insert(0, ROOT)
 
 import torch
 
-from minisft import data
-from minisft.bench import saved_for_backward_bytes
+from minisft import conversations, data, fast
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import (SFT_RECIPE, TEST_DATA, TRAIN_DATA, evaluate_model, format_table, generate_answers,
-                              load_records, same_model, sft_config, trained_from)
+from minisft.evaluate import evaluate_model, format_table, generate_answers, load_records
 from minisft.lora import add_lora, count_parameters, merge_lora
 from minisft.loss import batch_loss
+from minisft.memory import saved_for_backward_bytes
 from minisft.plot import plot_runs, read_metrics
+from minisft.recipes import SFT_RECIPE, TEST_DATA, TRAIN_DATA, same_model, sft_config, trained_from
 from minisft.rundir import saved_config
 from minisft.tokenizer import Tokenizer
 from minisft.train import freeze_top_mlps, param_groups, train
@@ -105,7 +105,7 @@ def memory_of_one_step(base, lora, batch):
         add_lora(model, lora["lora_r"], lora["lora_alpha"], lora["lora_dropout"], lora["lora_targets"])
     else:  # as lesson 6's run: the recipe keeps the upper blocks' MLPs frozen (lesson 10)
         freeze_top_mlps(model, sft_config(OUT, model=base).freeze_top_mlps)
-    model.train()
+    fast.apply(model).train()  # the speed layer, as train.py applies it (lesson 11)
     trainable, total = count_parameters(model)
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-12)  # as train.py builds it; the step is ~0
 
@@ -113,7 +113,7 @@ def memory_of_one_step(base, lora, batch):
         loss_sum, n = batch_loss(model, batch)
         return loss_sum / n
 
-    # New: every tensor autograd packs for backward, counted once per storage (minisft/bench.py's counter)
+    # New: every tensor autograd packs for backward, counted once per storage (minisft/memory.py's counter)
     activations = saved_for_backward_bytes(loss, list(model.parameters()))
     loss().backward()
     optimizer.step()  # AdamW allocates exp_avg and exp_avg_sq for each trainable tensor on its first step
@@ -129,7 +129,7 @@ def memory_of_one_step(base, lora, batch):
 
 def first_micro_batch(tok, template):
     """The first training conversations as one collated micro-batch of the recipe ([batch_size, T] tensors)."""
-    convs, _ = data.load_conversations(TRAIN_DATA)
+    convs, _ = conversations.load_conversations(TRAIN_DATA)
     examples, _ = data.build_examples(tok, convs[:SFT_RECIPE["batch_size"]], template,
                                       max_length=SFT_RECIPE["max_length"])
     return data.to_device(data.collate(examples, tok.pad_id), "cpu")

@@ -49,11 +49,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from minisft import data, schedule
+from minisft import conversations, data, fast, schedule
 from minisft.chat_template import template_for
 from minisft.default_model import CORPUS, DEFAULT_MODEL
-from minisft.evaluate import TEST_DATA, TRAIN_DATA, evaluate_model, knowledge_probe, load_records, subjects_of
+from minisft.evaluate import evaluate_model, knowledge_probe, load_records, subjects_of
 from minisft.loss import chunked_cross_entropy
+from minisft.recipes import TEST_DATA, TRAIN_DATA
 from minisft.train import freeze_text_embeddings
 from minisft.weights import load_pretrained
 
@@ -88,6 +89,7 @@ def fine_tune(base, replay, frozen, sft_examples, corpus_examples, steps=STEPS):
     embedding rows `frozen` or not -> the tuned model."""
     torch.manual_seed(SEED)
     model, tok = load_pretrained(base, dtype=torch.float32)
+    fast.apply(model)  # the trainer's speed layer (lesson 11): the same numbers, sooner
     if frozen:  # New: only the chat markup's rows of the embedding (and of the tied lm_head) learn
         freeze_text_embeddings(model, tok.added_ids)
     params = [p for p in model.parameters()]
@@ -148,7 +150,7 @@ def main():
     template = template_for(tok)
     records = [r for r in load_records(TEST_DATA) if r["meta"].get("relation")]  # the fact questions
     subjects = subjects_of(records)
-    convs, _ = data.load_conversations(TRAIN_DATA)
+    convs, _ = conversations.load_conversations(TRAIN_DATA)
     sft_examples, _ = data.build_examples(tok, convs, template=template, max_length=MAX_LENGTH)
     corpus_examples = replay_examples(tok)
     base_knows = knowledge_probe(base, tok, records, subjects)[1]["  knows fact_unseen"][0]

@@ -18,6 +18,7 @@ Read along:
   minisft/memory.py      estimate(): the parts of a step's memory, and how activations are counted
   minisft/loss.py        chunked_cross_entropy: the logits one chunk at a time, recomputed in backward
   minisft/data.py        pack_to_budget / token_budget (packing), epoch_padding_efficiency (padding)
+  minisft/memory.py      saved_for_backward_bytes: the saved-tensor count used below
   minisft/model.py       the plain model: RMSNorm, Block, ... as a student reads them
   minisft/fast/          the speed layer the trainer applies (fast.apply): functions.py's RMSNormFn,
                          NormLinearsFn, SwiGLUFn keep less for backward; packed.py attends per conversation
@@ -46,13 +47,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from minisft import data, fast
-from minisft.bench_micro import saved_for_backward_bytes
+from minisft import conversations, data, fast
 from minisft.chat_template import template_for
 from minisft.default_model import DEFAULT_MODEL
-from minisft.loss import batch_loss
-from minisft.memory import PARTS, estimate, read_config
 from minisft.fast.functions import rms_norm_backward
+from minisft.loss import batch_loss
+from minisft.memory import PARTS, estimate, read_config, saved_for_backward_bytes
 from minisft.model import Block, RMSNorm, rope_cos_sin
 from minisft.weights import load_pretrained
 
@@ -175,7 +175,7 @@ def main():
         print(f"   (no {os.path.relpath(BIG_CONFIG)}: the SmolLM2-135M comparison is skipped)")
 
     # A real micro-batch of lesson 6: 8 random conversations, right-padded to the longest.
-    convs, _ = data.load_conversations(DATA)
+    convs, _ = conversations.load_conversations(DATA)
     examples, _ = data.build_examples(tok, convs, template_for(tok), max_length=MAX_LENGTH)
     rng = random.Random(SEED)
     padded = [data.to_device(data.collate(rng.sample(examples, BATCH_SIZE), tok.pad_id), "cpu")

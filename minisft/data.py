@@ -1,48 +1,19 @@
-"""From a dataset of conversations to the batches a training step eats.
+"""From conversations to the batches a training step eats.
 
-Lesson 2 walks through this file; `train.py` uses it. The way through:
+Lesson 2 walks through this file; `train.py` uses it. The conversations come from
+conversations.load_conversations (record formats, validation) and conversations.split_train_val.
+The way through:
 
-    load_conversations   a .jsonl / .json / .parquet file, a folder of shards or a Hub dataset
-                         (records.py reads them) -> list of conversations, every record validated;
-                         errors name "file:line: what is wrong" ("file:row N" for parquet)
-    split_train_val      a held-out validation set, chosen by seed
     build_examples       conversation -> {"input_ids", "labels"} via chat_template.tokenize_conversation;
                          examples with nothing left to train on are dropped and counted
     sample_prompt        the prompt a conversation gives for generating a sample answer
-    pack_examples        (optional) several conversations in one row, attention kept apart
-    pack_to_budget       (optional) micro-batches of one packed row each, up to a token budget (token_budget)
+    token_budget         how many tokens one packed micro-batch may hold
+    pack_to_budget       (optional) packing: micro-batches of one row each, several conversations
+                         in a row up to the token budget, attention kept apart
     global_batches       one epoch's sample order, cut into the batches of each optimizer step
     micro_batches        a global batch split into the pieces that fit in memory
     collate              a list of examples -> padded tensors [B, T]
-
-Record formats (the ones the smol course and TRL's SFTTrainer read, unedited). The first record of
-a dataset that has one of these keys sets the format of the whole dataset, as TRL decides from its
-first example; a later record in another format is a bad record.
-
-    {"messages": [{"role", "content"}, ...]}               chat; loss on the assistant turns
-    {"conversations": [{"from", "value"}, ...]}            ShareGPT chat (human -> user, gpt -> assistant)
-    {"prompt": [messages], "completion": [messages]}       loss on the completion's assistant turns only;
-                                                           the prompt's are context, never targets
-    {"prompt": "text", "completion": "text"}               plain: no chat template (see _plain_example)
-    {"text": "..."}                                        language modelling: loss on every token
-
-Chat records (the first three) may carry the settings smoltalk2 ships per record and TRL passes to
-the chat template: "chat_template_kwargs" (enable_thinking, xml_tools, python_tools,
-custom_instructions) and "tools" (a list of dicts, or that list as a JSON string). They apply to
-that conversation's render only and win over build_examples' enable_thinking. A null
-enable_thinking means off: the real template sees a defined, falsy value. An unknown key is an
-error (a typo would otherwise be ignored in silence). Only SmolLM3's template renders them: with
-smollm2 or chatml, enable_thinking is ignored (no reasoning mode to switch) and tools or
-instructions make that conversation an error (RENDERED_ONLY_BY_SMOLLM3), as on plain records.
-
-In memory a conversation is one of:
-    [{"role", "content"}, ...]                             a chat with no settings (the common case)
-    {"messages": [...], "settings": {...}, "completion_start": k}
-                                                           a chat with template settings (keyword
-                                                           arguments of chat_template.render) and/or a
-                                                           prompt/completion split: messages[k:] are the
-                                                           completion (k = 0: all of it)
-    {"prompt": str, "completion": str} or {"text": str}    the plain formats
+    step_batches         step -> its collated micro-batches (what the trainer calls)
 
 Two rules matter more than the rest:
 
@@ -58,231 +29,18 @@ The shift happens inside the loss, so labels[0] can never be a target.
 """
 import bisect
 import datetime
-import json
 import math
 import random
 
 import torch
 
 from .chat_template import check_options, render, tokenize_conversation
-from .records import BadRecord as _Bad
-from .records import read_records
+from .conversations import MAX_PROBLEMS, RENDERED_ONLY_BY_SMOLLM3
 
 IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
-ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool",
-                  "user": "user", "assistant": "assistant"}
-TEMPLATE_KWARGS = ("enable_thinking", "xml_tools", "python_tools", "custom_instructions")
-# Settings that put text into the render. A template that does not render them (smollm2, chatml, or
-# no template at all) would drop tool descriptions or instructions the answers depend on: an error.
-RENDERED_ONLY_BY_SMOLLM3 = ("tools", "xml_tools", "python_tools", "custom_instructions")
-FORMATS = {"messages": "chat", "conversations": "chat", "prompt": "prompt/completion", "text": "text"}
-MAX_PROBLEMS = 50  # how many skipped-record messages the stats keep (the counts are always complete)
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading and validation
-# ---------------------------------------------------------------------------------------------
-def load_conversations(spec, skip_bad=False, subset=None, split=None):
-    """Read a dataset of conversations: a .jsonl/.json/.parquet file, a folder of shards, or a Hub
-    dataset id with an optional subset (config) and split (default "train"); see records.py.
-
-    Every record is checked: it decodes, has the dataset's format (module docstring), known
-    roles, string contents, at least one message and an assistant turn to train on (in the
-    completion, for prompt/completion records), valid settings. A problem raises
-    ValueError("location: what is wrong (expected ...)"). With skip_bad=True the bad record is
-    skipped and counted instead. Loading nothing at all is always an error.
-
-    Returns (convs, stats):
-      convs: list of conversations (module docstring: a list of messages for a plain chat)
-      stats: {"records": records seen, "loaded": int, "skipped": int, "format": "chat" |
-              "prompt/completion" | "plain prompt/completion" | "text", "skipped_by_reason": {reason: count},
-              "problems": first MAX_PROBLEMS messages,
-              "sources": ["path:line" (or "path:row N") of each loaded conversation, parallel to convs]}
-    """
-    stats = {"records": 0, "loaded": 0, "skipped": 0, "format": None, "skipped_by_reason": {}, "problems": [],
-             "sources": []}
-    convs, first = [], None  # first: (format, key, location) of the record that set the format
-    for where, parse in read_records(spec, subset, split):
-        stats["records"] += 1
-        try:
-            rec = parse()
-            if first is None and isinstance(rec, dict):
-                key = next((k for k in FORMATS if k in rec), None)
-                first = (_format_of(rec, key), key, where) if key else None
-            convs.append(_conversation(rec, first))
-            stats["sources"].append(where)
-        except _Bad as bad:
-            message = f"{where}: {bad}"
-            if not skip_bad:
-                raise ValueError(message) from None
-            stats["skipped"] += 1
-            stats["skipped_by_reason"][bad.reason] = stats["skipped_by_reason"].get(bad.reason, 0) + 1
-            if len(stats["problems"]) < MAX_PROBLEMS:
-                stats["problems"].append(message)
-    stats["loaded"] = len(convs)
-    stats["format"] = first[0] if first else None
-    if not convs:
-        raise ValueError(f"{spec}: no conversation loaded ({stats['records']} records, {stats['skipped']} skipped) "
-                         f"(expected at least one valid record)")
-    return convs, stats
-
-
-def _format_of(rec, key):
-    if key == "prompt":  # TRL: a list of messages is conversational, a string is plain text
-        return "prompt/completion" if isinstance(rec["prompt"], list) else "plain prompt/completion"
-    return FORMATS[key]
-
-
-def _conversation(rec, first):
-    """One decoded record -> a conversation (module docstring), or raise _Bad saying what is wrong.
-
-    first: (format, key, location) of the record that set the dataset's format, or None when none has yet.
-    """
-    if not isinstance(rec, dict):
-        raise _Bad("not_object", f"the record is a JSON {type(rec).__name__} "
-                                 f"(expected an object with 'messages' or 'conversations')")
-    fmt, key, origin = first or (None, None, None)
-    like_first = f", as in the dataset's first record, {origin}" if origin else ""
-    if fmt in (None, "chat") and ("messages" in rec or "conversations" in rec):
-        sharegpt = "messages" not in rec
-        messages = _messages(rec, "conversations" if sharegpt else "messages", sharegpt)
-        if not any(m["role"] == "assistant" for m in messages):
-            raise _Bad("no_assistant", "no assistant turn (expected at least one message from the assistant "
-                                       "to train on)")
-        settings = _settings(rec)
-        return {"messages": messages, "settings": settings, "completion_start": 0} if settings else messages
-    if fmt in ("prompt/completion", "plain prompt/completion") and "prompt" in rec:
-        if "completion" not in rec:
-            raise _Bad("missing_key", "missing key 'completion' (expected 'prompt' and 'completion')")
-        if fmt == "plain prompt/completion":
-            for k in ("prompt", "completion"):
-                if not isinstance(rec[k], str):
-                    raise _Bad("bad_content", f"'{k}' is {_json_type(rec[k])} (expected a string{like_first})")
-            _no_rendered_settings(rec)
-            return {"prompt": rec["prompt"], "completion": rec["completion"]}
-        prompt, completion = _messages(rec, "prompt"), _messages(rec, "completion")
-        if not any(m["role"] == "assistant" for m in completion):
-            raise _Bad("no_assistant", "no assistant turn in 'completion' (expected at least one message from "
-                                       "the assistant to train on)")
-        return {"messages": prompt + completion, "settings": _settings(rec), "completion_start": len(prompt)}
-    if fmt == "text" and "text" in rec:
-        if not isinstance(rec["text"], str):
-            raise _Bad("bad_content", f"'text' is {_json_type(rec['text'])} (expected a string)")
-        _no_rendered_settings(rec)
-        return {"text": rec["text"]}
-    if fmt in (None, "chat"):
-        raise _Bad("missing_key", "missing key 'messages' (expected 'messages': [{role, content}, ...] or ShareGPT "
-                                  "'conversations': [{from, value}, ...]" +
-                   (f"{like_first})" if origin else "; or 'prompt' and 'completion'; or 'text')"))
-    raise _Bad("missing_key", f"missing key {key!r} (expected a {fmt} record{like_first})")
-
-
-def _json_type(value):
-    return "null" if value is None else f"a JSON {type(value).__name__}"
-
-
-def _messages(rec, key, sharegpt=False):
-    """rec[key] -> list of {"role", "content"}, checked."""
-    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
-    roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ROLES}
-    turns = rec[key]
-    if not isinstance(turns, list):
-        raise _Bad("bad_messages", f"'{key}' is a JSON {type(turns).__name__} (expected a list of messages)")
-    if not turns:
-        raise _Bad("empty", f"empty conversation: '{key}' is [] (expected at least one message)")
-    out = []
-    for j, m in enumerate(turns):
-        where = f"message {j}" if key in ("messages", "conversations") else f"{key} message {j}"
-        if not isinstance(m, dict):
-            raise _Bad("bad_messages", f"{where} is a JSON {type(m).__name__} "
-                                       f"(expected an object with '{role_key}' and '{text_key}')")
-        for k in (role_key, text_key):
-            if k not in m:
-                raise _Bad("missing_key", f"{where}: missing key '{k}' (expected '{role_key}' and '{text_key}')")
-        role, content = m[role_key], m[text_key]
-        if not isinstance(role, str) or role not in roles:
-            raise _Bad("unknown_role", f"{where}: unknown {role_key} {role!r} (expected one of {', '.join(roles)})")
-        if not isinstance(content, str):
-            raise _Bad("bad_content", f"{where}: '{text_key}' is {_json_type(content)} (expected a string)")
-        out.append({"role": roles[role], "content": content})
-    return out
-
-
-def _settings(rec):
-    """A chat record's "chat_template_kwargs" and "tools" -> keyword arguments for chat_template.render."""
-    kwargs = rec.get("chat_template_kwargs")
-    kwargs = {} if kwargs is None else kwargs  # parquet gives null for a record without settings
-    if not isinstance(kwargs, dict):
-        raise _Bad("bad_settings", f"'chat_template_kwargs' is {_json_type(kwargs)} "
-                                   f"(expected an object such as {{\"enable_thinking\": false}})")
-    settings = {}
-    for key, value in kwargs.items():
-        if key not in TEMPLATE_KWARGS:
-            raise _Bad("bad_settings", f"chat_template_kwargs: unknown key {key!r} (expected "
-                                       f"{', '.join(TEMPLATE_KWARGS)}: the settings SmolLM3's template reads)")
-        expected = {"enable_thinking": (bool, "true, false or null"), "custom_instructions": (str, "a string or null"),
-                    }.get(key, (list, "a list or null"))
-        if value is not None and not isinstance(value, expected[0]):
-            raise _Bad("bad_settings", f"chat_template_kwargs: {key!r} is {_json_type(value)} "
-                                       f"(expected {expected[1]})")
-        if key == "enable_thinking":
-            settings[key] = bool(value)  # null counts as off: the template sees a defined, falsy value
-        elif value is not None:
-            settings[key] = value
-    tools = rec.get("tools")
-    if isinstance(tools, str):  # TRL decodes a tools column stored as a JSON string
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise _Bad("bad_settings", f"'tools' is a string but not valid JSON ({e.msg} at column {e.colno}) "
-                                       f"(expected a list of tool descriptions)") from None
-    if tools is not None:
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise _Bad("bad_settings", f"'tools' is {_json_type(tools)}"
-                                       f"{'' if not isinstance(tools, list) else ' holding a non-object'} "
-                                       f"(expected a list of tool descriptions, JSON objects)")
-        settings["tools"] = tools
-    return settings
-
-
-def _no_rendered_settings(rec):
-    """Plain records have no chat template, so their settings would be dropped: refuse the ones with text."""
-    settings = _settings(rec)
-    dropped = [k for k in RENDERED_ONLY_BY_SMOLLM3 if settings.get(k)]
-    if dropped:
-        raise _Bad("bad_settings", f"{' and '.join(dropped)} given, but a plain-text record is not rendered with a "
-                                   f"chat template (expected chat records to carry tools or instructions)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Train / validation split
-# ---------------------------------------------------------------------------------------------
-def split_train_val(convs, val_fraction=0.05, seed=0):
-    """Hold out round(len * val_fraction) items (at least 1 when val_fraction > 0) chosen by `seed`.
-
-    Works on any list (conversations, examples, or zip(convs, sources) to keep them together).
-    Both halves keep the original order; they are disjoint and together are the input.
-    Returns (train, val).
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} (expected 0 <= val_fraction < 1)")
-    n = len(convs)
-    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
-    if n_val >= n:
-        raise ValueError(f"cannot hold out {n_val} of {n} conversations for validation and still train "
-                         f"(expected more data or a smaller val_fraction)")
-    order = list(range(n))
-    random.Random(f"split-{seed}").shuffle(order)
-    val_idx = set(order[:n_val])
-    train = [c for i, c in enumerate(convs) if i not in val_idx]
-    val = [c for i, c in enumerate(convs) if i in val_idx]
-    return train, val
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenized examples
-# ---------------------------------------------------------------------------------------------
+# ---- tokenized examples ---------------------------------------------------------------------------
 def count_targets(labels):
     """Positions that carry loss after the shift: labels[..., 1:] != -100.
 
@@ -426,65 +184,7 @@ def sample_prompt(conv, template, *, enable_thinking=None, today=None):
     return users[-1], render(messages[:last], template, add_generation_prompt=True, **kw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Packing
-# ---------------------------------------------------------------------------------------------
-def pack_examples(examples, max_length):
-    """Pack several examples into rows of at most max_length tokens (done once, before batching).
-
-    Greedy first-fit decreasing: take examples longest first (ties by index, so the result is
-    deterministic) and put each into the first row that still has room. Each packed row is
-      {"input_ids", "labels", "position_ids", "seq_ids"}: lists of equal length, where
-    position_ids restart at 0 for every conversation (each one sees the positions it would see
-    alone), seq_ids number the conversations 1..k (collate turns them into the attention_mask, a
-    block-diagonal causal mask in the model), and the label of each conversation's first token is
-    -100: after the shift it would be "predicted" from the end of the previous conversation.
-    """
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    for i, n in enumerate(lengths):
-        if n > max_length:
-            raise ValueError(f"example {i} has {n} tokens, more than max_length={max_length} "
-                             f"(expected build_examples(..., max_length={max_length}) before packing)")
-    order = sorted(range(len(examples)), key=lambda i: -lengths[i])  # stable: ties keep index order
-    rows = []
-    for row, i in zip(_first_fit(order, lengths, max_length), order):
-        if row == len(rows):
-            rows.append({"input_ids": [], "labels": [], "position_ids": [], "seq_ids": []})
-        r, ex, n = rows[row], examples[i], lengths[i]
-        r["input_ids"] += ex["input_ids"]
-        r["labels"] += [IGNORE] + list(ex["labels"][1:])
-        r["position_ids"] += list(range(n))
-        r["seq_ids"] += [(r["seq_ids"][-1] if r["seq_ids"] else 0) + 1] * n
-    return rows
-
-
-def _first_fit(order, lengths, capacity):
-    """Row index for each item of `order`: the lowest-numbered row with room left.
-
-    free[] is a binary tree of maxima over the rows' free space (leaves = rows, all starting
-    empty), so finding the first row with room is a walk down the tree: O(log n) per item
-    instead of scanning every row. Rows never used have full capacity, so a new row is opened
-    exactly when no earlier one fits.
-    """
-    size = 1
-    while size < max(len(order), 1):
-        size *= 2
-    free = [0] * size + [capacity] * size  # free[size + r] = room left in row r; free[k] = max of children
-    for k in range(size - 1, 0, -1):
-        free[k] = max(free[2 * k], free[2 * k + 1])
-    rows = []
-    for i in order:
-        k = 1
-        while k < size:  # go left whenever the left subtree has a row with room
-            k = 2 * k if free[2 * k] >= lengths[i] else 2 * k + 1
-        rows.append(k - size)
-        free[k] -= lengths[i]
-        while k > 1:
-            k //= 2
-            free[k] = max(free[2 * k], free[2 * k + 1])
-    return rows
-
-
+# ---- packing --------------------------------------------------------------------------------------
 def token_budget(lengths, batch_size, max_tokens=None):
     """Tokens one packed micro-batch may hold: max_tokens when given, else batch_size * mean length.
 
@@ -509,15 +209,17 @@ def pack_to_budget(examples, max_tokens, max_length):
     Best-fit decreasing, from the longest example down (ties by index: the result is deterministic):
     each example goes into the FULLEST micro-batch that still has room for it, which fills nearly
     every micro-batch to the budget. A micro-batch is ONE row holding all its conversations, up to
-    max_tokens long: on a CPU the model attends per conversation (Attention.per_conversation), so a
-    long row costs no more attention than short ones, and one row has no padding at all. (Rows of
-    max_length would pad: 3 conversations of 700-1000 tokens need 3 rows of 1024, a quarter of them
-    padding that every matmul of the step computes; measured on SmolLM2-135M, one row ran 1.3-1.4x the
-    tokens/s.)
+    max_tokens long: one row has no padding at all, and attention per conversation makes a long row
+    cost no more attention than short ones (docs/speed.md measures what that saves). Lesson 2 packs
+    with max_tokens = max_length: rows no longer than one example may be.
     No example may be longer than max_length (build_examples cuts them) or than the budget.
 
-    Returns a list of micro-batches; each is a list of one packed row in the format of pack_examples
-    ({"input_ids", "labels", "position_ids", "seq_ids"}), ready for collate.
+    Returns a list of micro-batches; each is a list of ONE packed row, ready for collate:
+      {"input_ids", "labels", "position_ids", "seq_ids"}: lists of equal length, where
+    position_ids restart at 0 for every conversation (each one sees the positions it would see
+    alone), seq_ids number the conversations 1..k (collate turns them into the attention_mask: a
+    block-diagonal causal mask), and the label of each conversation's first token is -100: after
+    the shift it would be "predicted" from the end of the previous conversation.
     """
     lengths = [len(ex["input_ids"]) for ex in examples]
     for i, n in enumerate(lengths):
@@ -560,9 +262,7 @@ def _best_fit(order, lengths, capacity):
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Sample order
-# ---------------------------------------------------------------------------------------------
+# ---- sample order ---------------------------------------------------------------------------------
 def global_batches(lengths, global_batch_size, seed, epoch, group_by_length=False, group_batches=50):
     """One epoch's sample order, cut into global batches (one optimizer step each).
 
@@ -604,9 +304,7 @@ def micro_batches(indices, batch_size):
     return [list(indices[s:s + batch_size]) for s in range(0, len(indices), batch_size)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Batching
-# ---------------------------------------------------------------------------------------------
+# ---- batching -------------------------------------------------------------------------------------
 def collate(examples, pad_id):
     """A list of examples (plain or packed) -> a batch of tensors, right-padded to the longest.
 

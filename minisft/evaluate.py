@@ -2,7 +2,7 @@
 
     python -m minisft.evaluate --model runs/06_sft_loop/final [--model data/base-model] [--data data/sft_test.jsonl]
 
-Lessons 7 and 8 use it (and lesson 6 / the tests take the default SFT recipe, `SFT_RECIPE`, from here).
+Lessons 7, 8, 9 and 10 use it; the recipes that train the models it compares are in recipes.py.
 
 What it teaches: loss curves say little about whether a chat model *behaves*. Here every test
 conversation loses its final assistant turn, the rest is rendered with add_generation_prompt=True,
@@ -36,100 +36,20 @@ import os
 import re
 import sys
 
-from minisft import chat_template, data
+from minisft import chat_template, conversations
 from minisft.default_model import DEFAULT_MODEL
 from minisft.generate import generate
+from minisft.recipes import DATA_DIR, TEST_DATA
 
-# The default fine-tuning recipe for the tiny default model (lesson 6 spells the same values out as
-# its knobs; a test checks they agree). About 1.6 epochs of the 3000 training conversations.
-SFT_RECIPE = dict(
-    max_steps=300, batch_size=8, grad_accum=2,  # 16 conversations per optimizer step
-    # Frozen text embeddings (lesson 10): with every weight trainable, the model answers questions about
-    # the facts SFT never shows with the names it does show (300 steps at 4e-4: 11 of 66 held-out
-    # facts said in chat, on the earlier SFT data); with the text tokens' rows frozen it says most of
-    # them, and a higher lr is then safe and needed for the format in 300 steps (1e-3: 42/66,
-    # 1.5e-3: 45-46/66). With the frozen MLPs below, on the committed data: 60-62/66 at seeds 0-4.
-    lr=1.5e-3, min_lr=1.5e-4, warmup_ratio=0.05, weight_decay=0.0, freeze_embeddings=True,
-    # The MLPs of the upper two of the default model's four blocks stay frozen too (lesson 10): trained,
-    # they learn the seen answers by heart and lend their subjects to questions about unseen ones.
-    freeze_top_mlps=2,
-    max_length=192,  # all but ~20 of 3000 conversations fit (the others lose trailing turns)
-    packing=True,  # micro-batches of ~8 conversations of tokens, packed: little padding (lesson 11)
-    eval_every=25, patience=4, sample_every=100, plot_every=50, save_every=0, log_every=10, seed=0,
-)
-# A real SmolLM (135M parameters and up) was pretrained on trillions of tokens: steps as large as the
-# tiny model's overwrite what it knows. After 30 steps of this recipe but at lr 1e-3, SmolLM2-135M-Instruct
-# says the capital of France is "Solven" and a clear sky is golden; at 5e-5 it still says Paris and blue.
-# With any model but the embedded default, the recipe takes the usual SFT learning rate instead, and
-# trains every MLP (which blocks hold what is a finding about the default model, not a rule).
-REAL_MODEL_RECIPE = dict(lr=5e-5, min_lr=5e-6, freeze_top_mlps=0)
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the checkout's data/
-TRAIN_DATA, VAL_DATA, TEST_DATA = (os.path.join(DATA_DIR, f"sft_{s}.jsonl") for s in ("train", "val", "test"))
 ROLE_HEADER = re.compile(r"(^|\n)(user|assistant|system)[ \t]*(\n|$)")
 KINDS = ("arithmetic", "fact_seen", "fact_unseen")
-
-
-def sft_config(out, model=DEFAULT_MODEL, **overrides):
-    """The TrainConfig of the default SFT run (SFT_RECIPE, with REAL_MODEL_RECIPE unless `model` is the
-    embedded default), writing to `out`; overrides win."""
-    from minisft.train import TrainConfig  # imported here: evaluating needs no trainer
-
-    recipe = dict(SFT_RECIPE, **({} if same_model(model, DEFAULT_MODEL) else REAL_MODEL_RECIPE))
-    return TrainConfig(**{**dict(model=model, data=TRAIN_DATA, val_data=VAL_DATA, out=out, overwrite=True),
-                          **recipe, **overrides})
-
-
-def sft_default(out, model=DEFAULT_MODEL, **overrides):
-    """Run the default SFT recipe into `out` (replacing a previous run there); return train()'s summary."""
-    from minisft.train import train
-
-    return train(sft_config(out, model=model, **overrides))
-
-
-def trained_from(final_dir):
-    """The base model (as the run was given it) that the run writing final_dir fine-tuned, or None
-    when that run left no checkpoint to read it from."""
-    from minisft.train import saved_config
-
-    try:
-        return saved_config(os.path.dirname(os.path.abspath(final_dir)))["model"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def same_model(a, b):
-    """Do two model names (folders or Hub ids) point at the same files?"""
-    from minisft.weights import resolve_model_dir
-
-    try:
-        return os.path.realpath(resolve_model_dir(a)) == os.path.realpath(resolve_model_dir(b))
-    except (OSError, ValueError):
-        return a == b
-
-
-def tuned_model(final_dir, base, train_if_missing, **overrides):
-    """Lesson 6's fine-tuned model of `base` in final_dir, for lessons 7 and 8.
-
-    Missing: trained first with the default recipe when train_if_missing (the lessons' own scratch
-    folder), else an error. A final_dir fine-tuned from another base model is an error too: a base
-    vs tuned comparison of two different models would mean nothing."""
-    if not os.path.isdir(final_dir):
-        if not train_if_missing:
-            raise FileNotFoundError(f"{final_dir}: no such fine-tuned model folder")
-        print(f"{final_dir} not found: running lesson 6's recipe on {base} first")
-        return sft_default(os.path.dirname(os.path.abspath(final_dir)), model=base, **overrides)["final"]
-    source = trained_from(final_dir)
-    if source is not None and not same_model(source, base):
-        raise ValueError(f"{final_dir} was fine-tuned from {source}, not from {base}: run "
-                         f"lessons/06_sft_loop.py --model {base} first (or pass --tuned)")
-    return final_dir
 
 
 def load_records(path):
     """A .jsonl (or .json list) of {"messages": [...], "meta": {...}} -> list of {"prompt": messages, "meta": dict}.
 
     The prompt is the conversation up to (not including) its last assistant turn."""
-    convs, stats = data.load_conversations(path)  # validated: every record is a JSON object with messages
+    convs, stats = conversations.load_conversations(path)  # validated: every record is a JSON object with messages
     with open(path, encoding="utf-8") as f:
         raw = json.load(f) if str(path).lower().endswith(".json") else [json.loads(ln) for ln in f if ln.strip()]
     records = []

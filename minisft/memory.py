@@ -20,8 +20,8 @@ Read with lesson 11 (speed and memory). A training step holds six things at once
                lm_head weight and a chunk's bf16 [V, D] weight gradient; under checkpointing, one
                decoder block's recompute instead when that is larger.
 
-The first three are exact counts. Activations are COUNTED, not guessed, the way minisft.bench counts
-them: autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks, each storage once, parameters
+The first three are exact counts. Activations are COUNTED, not guessed (saved_for_backward_bytes, which
+lessons 9 and 11 use too): autograd's saved tensors (torch.autograd.graph.saved_tensors_hooks, each storage once, parameters
 left out) while a real forward pass and chunked loss run. The real config runs on the CPU, with random
 weights, but with only 1 and then 2 decoder layers: the difference is the cost of one layer, the rest
 is the fixed cost (embedding, final norm). Long sequences are counted at two shorter lengths and fitted
@@ -104,11 +104,32 @@ def state_bytes(model):
             "n_trainable": sum(p.numel() for p in trainable)}
 
 
+def saved_for_backward_bytes(fn, params):
+    """Bytes autograd keeps for backward while fn() builds its graph (each storage once, parameters excluded).
+
+    fn: a function that runs a forward pass (and loss) and returns what it computed; params: the
+    tensors that exist anyway (the model's parameters), left out of the count. The graph is freed
+    without a backward pass."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    del loss  # frees the graph without running backward
+    return sum(seen.values())
+
+
 def saved_bytes(model, batch, length, bf16, with_loss=True, seed=0):
     """One forward (+ chunked loss) on random tokens -> (model part, loss part) in bytes saved for backward.
 
-    Every position is a target (labels = input_ids). Counted as minisft.bench does: unique storages
-    packed by saved_tensors_hooks, the model's parameters left out (they exist anyway).
+    Every position is a target (labels = input_ids). Counted as saved_for_backward_bytes counts: unique
+    storages packed by saved_tensors_hooks, the model's parameters left out (they exist anyway).
     """
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)

@@ -1,7 +1,7 @@
 """Where training records come from: a file, a folder of shards, or a dataset on the Hugging Face Hub.
 
-Lesson 2 loads a .jsonl file through `data.load_conversations`, which reads its records here. This
-module only finds and reads records; what a record must contain is checked in data.py.
+Lesson 2 loads a .jsonl file through `conversations.load_conversations`, which reads its records here.
+This module only finds and reads records; what a record must contain is checked in conversations.py.
 
     .jsonl     one JSON object per line; located as "path:LINE" (1-based)
     .json      one JSON list of objects; "path:LINE (record N)" (the line where record N starts)

@@ -32,7 +32,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, data, distributed, schedule
+from minisft import chat_template, conversations, data, distributed, schedule
 from minisft.checkpoint import list_checkpoints
 from minisft.cli import main  # noqa: F401  (python -m minisft.train runs it: see the end of this file)
 from minisft.config import TrainConfig, check_config  # noqa: F401
@@ -201,15 +201,15 @@ def make_optimizer(model, cfg, lr, device_type):
 
 def load_data(cfg, model, tokenizer, template, log):
     """Conversations -> (train examples (packed rows with --packing), val examples, sample prompts, info)."""
-    train_convs, stats = data.load_conversations(cfg.data, cfg.skip_bad, cfg.data_subset, cfg.data_split)
+    train_convs, stats = conversations.load_conversations(cfg.data, cfg.skip_bad, cfg.data_subset, cfg.data_split)
     sources = stats["sources"]
     if cfg.max_examples:  # the slice comes first, the validation split (if any) is taken from it
         train_convs, sources = train_convs[:cfg.max_examples], sources[:cfg.max_examples]
     val_convs = []
     if cfg.val_data:
-        val_convs, _ = data.load_conversations(cfg.val_data, cfg.skip_bad, cfg.data_subset, cfg.val_split)
+        val_convs, _ = conversations.load_conversations(cfg.val_data, cfg.skip_bad, cfg.data_subset, cfg.val_split)
     elif cfg.val_fraction > 0:
-        pairs_train, pairs_val = data.split_train_val(list(zip(train_convs, sources)), cfg.val_fraction, cfg.seed)
+        pairs_train, pairs_val = conversations.split_train_val(list(zip(train_convs, sources)), cfg.val_fraction, cfg.seed)
         train_convs, sources = [c for c, _ in pairs_train], [s for _, s in pairs_train]
         val_convs = [c for c, _ in pairs_val]
     max_length = min(cfg.max_length, model.config.max_position_embeddings)
@@ -229,7 +229,7 @@ def load_data(cfg, model, tokenizer, template, log):
         info["budget"] = max(data.token_budget(lengths, cfg.batch_size, cfg.max_tokens), max(lengths))
         examples = data.pack_to_budget(examples, info["budget"], max_length)
 
-    sample_convs = data.load_conversations(cfg.sample_data, skip_bad=cfg.skip_bad)[0] if cfg.sample_data else val_convs
+    sample_convs = conversations.load_conversations(cfg.sample_data, skip_bad=cfg.skip_bad)[0] if cfg.sample_data else val_convs
     prompts = []  # (question, rendered prompt) of the first num_samples conversations that give one
     for conv in sample_convs[:cfg.num_samples] if cfg.sample_every else []:
         try:

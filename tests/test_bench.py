@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from minisft import bench
+from minisft.bench import micro
+from minisft.memory import saved_for_backward_bytes
 from minisft.default_model import DEFAULT_MODEL
 from minisft.weights import load_pretrained
 
@@ -20,19 +22,19 @@ def table_rows(out):
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[0] in bench.ROWS:
+        if len(cells) == 7 and cells[0] in micro.ROWS:
             rows[(cells[0], cells[1])] = [float(c.replace(",", "")) for c in cells[2:5]]
     return rows
 
 
 def check_table(out, impls):
     rows = table_rows(out)
-    assert set(rows) == {(r, i) for r in bench.ROWS for i in impls}
+    assert set(rows) == {(r, i) for r in micro.ROWS for i in impls}
     for (row, impl), (ms, tok_s, mem) in rows.items():
         assert ms > 0 and tok_s > 0, (row, impl)
         # On CPU the column is "saved for backward": nothing for the no-grad forward, something for a train step.
-        assert (mem == 0) if row == bench.ROWS[0] else (mem > 0), (row, impl, mem)
-    full, chunked = bench.ROWS[1], bench.ROWS[2]
+        assert (mem == 0) if row == micro.ROWS[0] else (mem > 0), (row, impl, mem)
+    full, chunked = micro.ROWS[1], micro.ROWS[2]
     for impl in impls:
         assert rows[(chunked, impl)][2] < rows[(full, impl)][2], impl
     return rows
@@ -65,16 +67,16 @@ def test_chunked_loss_keeps_less_than_the_logits_it_avoids():
     """
     model, _ = load_pretrained(DEFAULT_MODEL, device="cpu")
     model.train()
-    input_ids, labels = bench.make_batch(model.config.vocab_size, batch=4, seq=512)
+    input_ids, labels = micro.make_batch(model.config.vocab_size, batch=4, seq=512)
     n_targets = int((labels[:, 1:] != -100).sum())
     assert n_targets > 0
-    steps = bench.step_fns(bench.minisft_fns(model), input_ids, labels)
+    steps = micro.step_fns(micro.minisft_fns(model), input_ids, labels)
     params = list(model.parameters())
-    full = bench.saved_for_backward_bytes(steps[bench.ROWS[1]], params)
-    chunked = bench.saved_for_backward_bytes(steps[bench.ROWS[2]], params)
+    full = saved_for_backward_bytes(steps[micro.ROWS[1]], params)
+    chunked = saved_for_backward_bytes(steps[micro.ROWS[2]], params)
     V, D = model.config.vocab_size, model.config.hidden_size
     assert full - chunked >= (n_targets * V - n_targets * D - V * D) * 4 > 0, (full, chunked, n_targets)
-    assert bench.saved_for_backward_bytes(steps[bench.ROWS[0]], params) == 0
+    assert saved_for_backward_bytes(steps[micro.ROWS[0]], params) == 0
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
@@ -212,7 +214,7 @@ def test_dtype_reaches_both_trainers_and_the_peak(tmp_path):
     """--dtype bfloat16 (what auto means on CUDA) is each trainer's own autocast: minisft --dtype bfloat16,
     TRL --bf16; float32 (auto on a CPU) gives neither. The matmul peak and decoding take the same dtype."""
     import argparse
-    from minisft import bench_tools
+    from minisft.bench import tools as bench_tools
 
     for dtype in ("bfloat16", "float32"):
         args = argparse.Namespace(steps=2, batch_size=2, grad_accum=1, device="cpu", trl=True, dtype=dtype)
@@ -255,7 +257,7 @@ def test_decoding_race_takes_turns(monkeypatch):
     import torch
     import transformers
     import minisft.generate
-    from minisft import bench_tools
+    from minisft.bench import tools as bench_tools
 
     order, answers = [], []
     ours = minisft.generate.generate

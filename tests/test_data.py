@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minisft import data
+from minisft import conversations, data
 from minisft.data import IGNORE
 from minisft.model import ModelConfig, SmolLM
 
@@ -86,10 +86,15 @@ def tok(smollm2_dir):
 # ---------------------------------------------------------------------------------------------
 # packing
 # ---------------------------------------------------------------------------------------------
+def packed_rows(examples, max_length):
+    """The trainer's packer with rows no longer than max_length (as lesson 2 packs): the rows, in order."""
+    return [row for mb in data.pack_to_budget(examples, max_length, max_length) for row in mb]
+
+
 def test_packed_row_equals_separate_conversations():
     model = tiny_model()
     examples = random_examples([9, 14, 5, 7])
-    rows = data.pack_examples(examples, max_length=40)
+    rows = packed_rows(examples, max_length=40)
     assert len(rows) == 1 and rows[0]["seq_ids"][-1] == 4 and len(rows[0]["input_ids"]) == 35
     packed = loss_and_grads(model, data.collate(rows, PAD))
     assert_same(packed, separate_loss_and_grads(model, examples))
@@ -101,7 +106,7 @@ def test_packed_row_equals_separate_conversations():
 def test_packed_rows_with_padding_equal_separate():
     model = tiny_model(seed=1)
     examples = random_examples([9, 14, 5, 7, 3, 12, 6], seed=1)
-    rows = data.pack_examples(examples, max_length=20)
+    rows = packed_rows(examples, max_length=20)
     assert len(rows) > 1 and all(len(r["input_ids"]) <= 20 for r in rows)
     batch = data.collate(rows, PAD)
     assert (batch["attention_mask"] == 0).any()  # rows of unequal length: padding present
@@ -109,24 +114,29 @@ def test_packed_rows_with_padding_equal_separate():
     assert data.count_targets(batch["labels"]) == sum(data.count_targets(e["labels"]) for e in examples)
 
 
-def test_first_fit_decreasing_layout():
+def test_best_fit_decreasing_layout():
     examples = [{"input_ids": [10 + i] * n, "labels": [10 + i] * n} for i, n in enumerate([3, 6, 2, 5, 4])]
-    rows = data.pack_examples(examples, max_length=10)
-    # longest first: 6 -> row 0, 5 -> row 1, 4 -> row 0 (full), 3 -> row 1, 2 -> row 1 (full)
+    rows = packed_rows(examples, max_length=10)
+    # longest first: 6 -> row 0, 5 -> row 1 (row 0 has 4 left), 4 -> row 0 (the fullest that fits: full),
+    # 3 -> row 1, 2 -> row 1 (full)
     assert [r["input_ids"] for r in rows] == [[11] * 6 + [14] * 4, [13] * 5 + [10] * 3 + [12] * 2]
     assert rows[1]["seq_ids"] == [1] * 5 + [2] * 3 + [3] * 2
     assert rows[1]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
     assert rows[1]["labels"] == [IGNORE] + [13] * 4 + [IGNORE] + [10] * 2 + [IGNORE, 12]
-    assert data.pack_examples(examples, 10) == rows  # deterministic
+    assert packed_rows(examples, 10) == rows  # deterministic
     with pytest.raises(ValueError, match="example 1 has 6 tokens, more than max_length=5"):
-        data.pack_examples(examples, max_length=5)
+        data.pack_to_budget(examples, 10, max_length=5)
+    # Best fit, not first fit: the last example goes to the row with the least room left (row 1, 2 left),
+    # not to the first row with room (row 0, 3 left).
+    mixed = [{"input_ids": [20 + i] * n, "labels": [20 + i] * n} for i, n in enumerate([7, 4, 4, 1])]
+    assert [r["input_ids"] for r in packed_rows(mixed, 10)] == [[20] * 7, [21] * 4 + [22] * 4 + [23]]
 
 
 def test_pack_real_examples_keeps_targets(tok):
     convs = [[{"role": "user", "content": f"question {i} " * (i + 1)},
               {"role": "assistant", "content": f"answer {i} " * (2 * i + 1)}] for i in range(8)]
     examples, _ = data.build_examples(tok, convs, max_length=128)
-    rows = data.pack_examples(examples, 128)
+    rows = packed_rows(examples, 128)
     assert len(rows) < len(examples)
     assert sorted(len(e["input_ids"]) for e in examples) == sorted(
         r["seq_ids"].count(s) for r in rows for s in set(r["seq_ids"]))
@@ -197,15 +207,15 @@ BAD_RECORDS = [
 def test_bad_record_named_error(tmp_path, line, error, reason):
     path = write(tmp_path, "x.jsonl", [GOOD, line, GOOD])
     with pytest.raises(ValueError, match=error):
-        data.load_conversations(path)
-    convs, stats = data.load_conversations(path, skip_bad=True)
+        conversations.load_conversations(path)
+    convs, stats = conversations.load_conversations(path, skip_bad=True)
     assert len(convs) == 2 and stats["skipped"] == 1 and stats["skipped_by_reason"] == {reason: 1}
     assert stats["sources"] == [f"{path}:1", f"{path}:3"]
 
 
 def test_skip_bad_counts_by_reason(tmp_path):
     lines = [GOOD] + [l for l, _, _ in BAD_RECORDS] + ["", GOOD]
-    convs, stats = data.load_conversations(write(tmp_path, "x.jsonl", lines), skip_bad=True)
+    convs, stats = conversations.load_conversations(write(tmp_path, "x.jsonl", lines), skip_bad=True)
     assert len(convs) == stats["loaded"] == 2
     assert stats["records"] == 2 + len(BAD_RECORDS)  # the blank line is not a record
     assert stats["skipped"] == len(BAD_RECORDS) == len(stats["problems"])
@@ -219,27 +229,27 @@ def test_skip_bad_counts_by_reason(tmp_path):
 
 def test_empty_dataset_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"empty\.jsonl: no conversation loaded \(0 records"):
-        data.load_conversations(write(tmp_path, "empty.jsonl", ["", "  "]))
+        conversations.load_conversations(write(tmp_path, "empty.jsonl", ["", "  "]))
     all_bad = write(tmp_path, "bad.jsonl", ["{", '{"messages": []}'])
     with pytest.raises(ValueError, match=r"bad\.jsonl: no conversation loaded \(2 records, 2 skipped\)"):
-        data.load_conversations(all_bad, skip_bad=True)
+        conversations.load_conversations(all_bad, skip_bad=True)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        data.load_conversations(tmp_path / "nope.jsonl")
+        conversations.load_conversations(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match=r"expected \.jsonl or \.json"):
-        data.load_conversations(write(tmp_path, "x.csv", ["a,b"]))
+        conversations.load_conversations(write(tmp_path, "x.csv", ["a,b"]))
 
 
 def test_sharegpt_is_converted(tmp_path):
     rec = {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
                              {"from": "gpt", "value": "hello"}, {"from": "tool", "value": "{}"}]}
-    convs, _ = data.load_conversations(write(tmp_path, "s.jsonl", [json.dumps(rec)]))
+    convs, _ = conversations.load_conversations(write(tmp_path, "s.jsonl", [json.dumps(rec)]))
     assert convs == [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                       {"role": "assistant", "content": "hello"}, {"role": "tool", "content": "{}"}]]
     bad = {"conversations": [{"from": "robot", "value": "hi"}]}
     with pytest.raises(ValueError, match=r"s2\.jsonl:1: message 0: unknown from 'robot' \(expected one of human, gpt"):
-        data.load_conversations(write(tmp_path, "s2.jsonl", [json.dumps(bad)]))
+        conversations.load_conversations(write(tmp_path, "s2.jsonl", [json.dumps(bad)]))
     with pytest.raises(ValueError, match=r"s3\.jsonl:1: message 0: missing key 'value'"):
-        data.load_conversations(write(tmp_path, "s3.jsonl", ['{"conversations": [{"from": "gpt"}]}']))
+        conversations.load_conversations(write(tmp_path, "s3.jsonl", ['{"conversations": [{"from": "gpt"}]}']))
 
 
 def test_json_list_input(tmp_path):
@@ -251,35 +261,35 @@ def test_json_list_input(tmp_path):
     starts = [i + 1 for i, l in enumerate(text.split("\n")) if l == " {"]
     assert len(starts) == 3 and starts[0] == 2
     with pytest.raises(ValueError, match=rf"d\.json:{starts[1]} \(record 1\): no assistant turn"):
-        data.load_conversations(p)
-    convs, stats = data.load_conversations(p, skip_bad=True)
+        conversations.load_conversations(p)
+    convs, stats = conversations.load_conversations(p, skip_bad=True)
     assert convs == [good["messages"]] * 2 and stats["sources"] == [f"{p}:{starts[0]} (record 0)",
                                                                  f"{p}:{starts[2]} (record 2)"]
     # Compact and odd layouts: several records on a line, blank lines, strings holding brackets and commas.
     odd = ['[' + GOOD + ',' + GOOD + ' ,', '', '  ' + json.dumps({"messages": [{"role": "user", "content": "[,\n]"}]}),
            ', {"messages": [{"role": "user", "content": "]"}, {"role": "bot", "content": "x"}]}]']
     p.write_text("\n".join(odd))
-    _, stats = data.load_conversations(p, skip_bad=True)
+    _, stats = conversations.load_conversations(p, skip_bad=True)
     assert stats["sources"] == [f"{p}:1 (record 0)", f"{p}:1 (record 1)"]
     assert [m.split(": ")[0] for m in stats["problems"]] == [f"{p}:3 (record 2)", f"{p}:4 (record 3)"]
     p.write_text('[\n{"messages": []},\n{oops}\n]')
     with pytest.raises(ValueError, match=r"d\.json:3: not valid JSON"):
-        data.load_conversations(p, skip_bad=True)  # a broken file cannot be skipped record by record
+        conversations.load_conversations(p, skip_bad=True)  # a broken file cannot be skipped record by record
     p.write_text('{"messages": []}')
     with pytest.raises(ValueError, match=r"d\.json: the top level is a JSON dict \(expected a JSON list"):
-        data.load_conversations(p)
+        conversations.load_conversations(p)
     p.write_text(GOOD + "\n" + GOOD)
     with pytest.raises(ValueError, match=r"d\.json:2: .*one record per line needs the \.jsonl extension"):
-        data.load_conversations(p)
+        conversations.load_conversations(p)
     p.write_bytes(b'[\n' + GOOD.encode() + b',\n{"messages": "\xff"}]')
     with pytest.raises(ValueError, match=r"d\.json:3: bytes are not UTF-8 \(byte 0xff\)"):
-        data.load_conversations(p)
+        conversations.load_conversations(p)
 
 
 def test_jsonl_bom_and_crlf(tmp_path):
     p = tmp_path / "w.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\r\n" + GOOD.encode() + b"\r\n")
-    assert len(data.load_conversations(p)[0]) == 2
+    assert len(conversations.load_conversations(p)[0]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,14 +340,14 @@ def test_template_error_names_its_source(tok):
 
 def test_split_is_deterministic_and_disjoint():
     items = list(range(100))
-    train, val = data.split_train_val(items, 0.1, seed=3)
+    train, val = conversations.split_train_val(items, 0.1, seed=3)
     assert len(val) == 10 and sorted(train + val) == items and not set(train) & set(val)
-    assert data.split_train_val(items, 0.1, seed=3) == (train, val)
-    assert data.split_train_val(items, 0.1, seed=4)[1] != val
-    assert data.split_train_val(items, 0.0, seed=3) == (items, [])
-    assert len(data.split_train_val(items[:5], 0.01)[1]) == 1  # at least one held out
+    assert conversations.split_train_val(items, 0.1, seed=3) == (train, val)
+    assert conversations.split_train_val(items, 0.1, seed=4)[1] != val
+    assert conversations.split_train_val(items, 0.0, seed=3) == (items, [])
+    assert len(conversations.split_train_val(items[:5], 0.01)[1]) == 1  # at least one held out
     with pytest.raises(ValueError, match="val_fraction"):
-        data.split_train_val(items, 1.0)
+        conversations.split_train_val(items, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

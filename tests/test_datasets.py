@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from minisft import data
+from minisft import conversations, data
 from minisft.chat_template import IGNORE_INDEX
 from minisft.tokenizer import Tokenizer
 
@@ -91,7 +91,7 @@ def smollm3_jinja(templates_dir):
 def test_each_format_loads_into_its_shape(tmp_path):
     chat = [{"messages": CHAT}, {"messages": CHAT, "chat_template_kwargs": {"enable_thinking": None},
                                  "tools": json.dumps(TOOLS)}]
-    convs, stats = data.load_conversations(write_jsonl(tmp_path / "chat.jsonl", chat))
+    convs, stats = conversations.load_conversations(write_jsonl(tmp_path / "chat.jsonl", chat))
     assert stats["format"] == "chat"
     assert convs[0] == CHAT  # a plain chat stays a list of messages
     assert convs[1] == {"messages": CHAT, "settings": {"enable_thinking": False, "tools": TOOLS}, "completion_start": 0}
@@ -99,15 +99,15 @@ def test_each_format_loads_into_its_shape(tmp_path):
     pc = [{"prompt": SYSTEM + CHAT + [{"role": "user", "content": "And Rome?"}],
            "completion": [{"role": "assistant", "content": "Rainy."}],
            "chat_template_kwargs": {"xml_tools": XML_TOOLS}}]
-    convs, stats = data.load_conversations(write_jsonl(tmp_path / "pc.jsonl", pc))
+    convs, stats = conversations.load_conversations(write_jsonl(tmp_path / "pc.jsonl", pc))
     assert stats["format"] == "prompt/completion"
     assert convs == [{"messages": pc[0]["prompt"] + pc[0]["completion"], "settings": {"xml_tools": XML_TOOLS},
                       "completion_start": 4}]
 
     plain = [{"prompt": "The capital of France is", "completion": " Paris."}]
-    assert data.load_conversations(write_jsonl(tmp_path / "plain.jsonl", plain))[0] == plain
+    assert conversations.load_conversations(write_jsonl(tmp_path / "plain.jsonl", plain))[0] == plain
     text = [{"text": "Once upon a time."}]
-    convs, stats = data.load_conversations(write_jsonl(tmp_path / "text.jsonl", text))
+    convs, stats = conversations.load_conversations(write_jsonl(tmp_path / "text.jsonl", text))
     assert convs == text and stats["format"] == "text"
 
 
@@ -137,8 +137,8 @@ def test_format_errors_name_the_line(tmp_path, record, error, reason):
         record = {"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}
     path = write_jsonl(tmp_path / "p.jsonl", [good, record, good])
     with pytest.raises(ValueError, match=rf"p\.jsonl:2: {error}"):
-        data.load_conversations(path)
-    convs, stats = data.load_conversations(path, skip_bad=True)
+        conversations.load_conversations(path)
+    convs, stats = conversations.load_conversations(path, skip_bad=True)
     assert len(convs) == 2 and stats["skipped_by_reason"] == {reason: 1}
     assert stats["sources"] == [f"{path}:1", f"{path}:3"]
 
@@ -160,16 +160,16 @@ def test_bad_settings_are_bad_records(tmp_path, kwargs, tools, error):
     rec = {"messages": CHAT, "chat_template_kwargs": kwargs, "tools": tools}
     path = write_jsonl(tmp_path / "s.jsonl", [{"messages": CHAT}, rec])
     with pytest.raises(ValueError, match=rf"s\.jsonl:2: .*{error}"):
-        data.load_conversations(path)
-    assert data.load_conversations(path, skip_bad=True)[1]["skipped_by_reason"] == {"bad_settings": 1}
+        conversations.load_conversations(path)
+    assert conversations.load_conversations(path, skip_bad=True)[1]["skipped_by_reason"] == {"bad_settings": 1}
 
 
 def test_plain_records_refuse_tools_they_cannot_render(tmp_path):
     recs = [{"text": "a"}, {"text": "b", "tools": TOOLS}, {"text": "c", "chat_template_kwargs": {"enable_thinking": True}}]
     path = write_jsonl(tmp_path / "t.jsonl", recs)
     with pytest.raises(ValueError, match=r"t\.jsonl:2: tools given, but a plain-text record is not rendered"):
-        data.load_conversations(path)
-    convs, stats = data.load_conversations(path, skip_bad=True)
+        conversations.load_conversations(path)
+    convs, stats = conversations.load_conversations(path, skip_bad=True)
     assert convs == [{"text": "a"}, {"text": "c"}] and stats["skipped"] == 1  # enable_thinking alone is ignored
 
 
@@ -178,7 +178,7 @@ def test_plain_records_refuse_tools_they_cannot_render(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_smoltalk2_records_render_like_the_real_template(tmp_path, tok, smollm3_jinja):
     rows = smoltalk2_rows()
-    convs, stats = data.load_conversations(write_parquet(tmp_path / "sft.parquet", rows))
+    convs, stats = conversations.load_conversations(write_parquet(tmp_path / "sft.parquet", rows))
     examples, ex_stats = data.build_examples(tok, convs, "smollm3", today=DAY)
     assert ex_stats["kept"] == len(rows)
     for row, ex, conv in zip(rows, examples, convs):
@@ -276,7 +276,7 @@ def test_same_files_as_trl_sfttrainer(tmp_path, tok, trl_prepare, templates_dir)
     }
     for name, rows in cases.items():
         path = write_parquet(tmp_path / f"{name}.parquet", rows)
-        ours, _ = data.build_examples(tok, data.load_conversations(path)[0], "smollm2")
+        ours, _ = data.build_examples(tok, conversations.load_conversations(path)[0], "smollm2")
         theirs = trl_prepare(pq.read_table(path), tmp_path)
         for o, t in zip(ours, theirs, strict=True):
             assert o["input_ids"] == t["input_ids"]
@@ -290,7 +290,7 @@ def test_same_files_as_trl_sfttrainer(tmp_path, tok, trl_prepare, templates_dir)
     smollm3 = (templates_dir / "SmolLM3-3B.jinja").read_text(encoding="utf-8")
     today = datetime.date.today()  # transformers' strftime_now reads the clock
     theirs = trl_prepare(pq.read_table(path), tmp_path, chat_template=smollm3)
-    ours, _ = data.build_examples(tok, data.load_conversations(path)[0], "smollm3", today=today)
+    ours, _ = data.build_examples(tok, conversations.load_conversations(path)[0], "smollm3", today=today)
     if datetime.date.today() == today:  # not across midnight
         assert [o["input_ids"] for o in ours] == [t["input_ids"] for t in theirs]
 
@@ -300,19 +300,19 @@ def test_same_files_as_trl_sfttrainer(tmp_path, tok, trl_prepare, templates_dir)
 # ---------------------------------------------------------------------------------------------
 def test_parquet_matches_jsonl_and_names_rows(tmp_path):
     rows = smoltalk2_rows()
-    from_parquet = data.load_conversations(write_parquet(tmp_path / "a.parquet", rows))
-    from_jsonl = data.load_conversations(write_jsonl(tmp_path / "a.jsonl", rows))
+    from_parquet = conversations.load_conversations(write_parquet(tmp_path / "a.parquet", rows))
+    from_jsonl = conversations.load_conversations(write_jsonl(tmp_path / "a.jsonl", rows))
     assert from_parquet[0] == from_jsonl[0]
     assert from_parquet[1]["sources"][:2] == [f"{tmp_path / 'a.parquet'}:row 0", f"{tmp_path / 'a.parquet'}:row 1"]
     bad = [{"messages": CHAT}, {"messages": [{"role": "user", "content": "no answer"}]}, {"messages": CHAT}]
     path = write_parquet(tmp_path / "bad.parquet", bad)
     with pytest.raises(ValueError, match=r"bad\.parquet:row 1: no assistant turn"):
-        data.load_conversations(path)
-    convs, stats = data.load_conversations(path, skip_bad=True)
+        conversations.load_conversations(path)
+    convs, stats = conversations.load_conversations(path, skip_bad=True)
     assert len(convs) == 2 and stats["skipped"] == 1 and stats["problems"][0].startswith(f"{path}:row 1: ")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ValueError, match=r"broken\.parquet:row 0: cannot read this parquet file"):
-        data.load_conversations(tmp_path / "broken.parquet")
+        conversations.load_conversations(tmp_path / "broken.parquet")
 
 
 def test_folder_of_shards_in_sorted_order(tmp_path):
@@ -322,17 +322,17 @@ def test_folder_of_shards_in_sorted_order(tmp_path):
     write_parquet(folder / "train-00001-of-00002.parquet", rows[3:])  # written first, read second
     write_parquet(folder / "train-00000-of-00002.parquet", rows[:3])
     (folder / "dataset_info.json").write_text("{}")  # metadata, not a shard
-    convs, stats = data.load_conversations(folder)
+    convs, stats = conversations.load_conversations(folder)
     assert [c[0]["content"] for c in convs] == ["q0", "q1", "q2", "q3", "q4"]
     assert stats["sources"][3] == f"{folder / 'train-00001-of-00002.parquet'}:row 0"
     write_jsonl(folder / "zz-extra.jsonl", [rows[0]])  # .jsonl shards are read too, in name order
-    convs, stats = data.load_conversations(folder)
+    convs, stats = conversations.load_conversations(folder)
     assert len(convs) == 6 and stats["sources"][-1] == f"{folder / 'zz-extra.jsonl'}:1"
     with pytest.raises(FileNotFoundError, match=r"empty: no \.parquet or \.jsonl files in this folder"):
         (tmp_path / "empty").mkdir()
-        data.load_conversations(tmp_path / "empty")
+        conversations.load_conversations(tmp_path / "empty")
     with pytest.raises(ValueError, match="subset/split choose files in a folder"):
-        data.load_conversations(folder / "zz-extra.jsonl", split="train")
+        conversations.load_conversations(folder / "zz-extra.jsonl", split="train")
 
 
 def test_subset_and_split_in_a_local_folder(tmp_path):
@@ -340,20 +340,20 @@ def test_subset_and_split_in_a_local_folder(tmp_path):
     write_parquet(tmp_path / "SFT" / "chats_think-00000-of-00001.parquet", one * 2)
     write_parquet(tmp_path / "SFT" / "chats-00000-of-00001.parquet", one)
     write_parquet(tmp_path / "Mid" / "chats-00000-of-00001.parquet", one * 4)
-    assert data.load_conversations(tmp_path, subset="SFT", split="chats")[1]["loaded"] == 1  # not chats_think
-    assert data.load_conversations(tmp_path, subset="SFT", split="chats_think")[1]["loaded"] == 2
-    assert data.load_conversations(tmp_path, subset="Mid", split="chats")[1]["loaded"] == 4
+    assert conversations.load_conversations(tmp_path, subset="SFT", split="chats")[1]["loaded"] == 1  # not chats_think
+    assert conversations.load_conversations(tmp_path, subset="SFT", split="chats_think")[1]["loaded"] == 2
+    assert conversations.load_conversations(tmp_path, subset="Mid", split="chats")[1]["loaded"] == 4
     with pytest.raises(FileNotFoundError, match=r"no \.parquet or \.jsonl files for subset 'SFT', split 'train'"):
-        data.load_conversations(tmp_path, subset="SFT")
+        conversations.load_conversations(tmp_path, subset="SFT")
 
 
 def test_without_pyarrow_parquet_says_how_to_install(tmp_path, monkeypatch):
     path = write_parquet(tmp_path / "a.parquet", [{"messages": CHAT}])
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if it were not installed
     with pytest.raises(ValueError) as e:
-        data.load_conversations(path)
+        conversations.load_conversations(path)
     assert str(e.value) == f"{path}: reading .parquet files needs pyarrow, which is not installed: pip install pyarrow"
-    assert data.load_conversations(write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}]))[1]["loaded"] == 1
+    assert conversations.load_conversations(write_jsonl(tmp_path / "a.jsonl", [{"messages": CHAT}]))[1]["loaded"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def test_hub_dataset_from_the_cache(offline_cache):
         "SFT/everyday_no_think_extra-00000-of-00001.parquet": [qa(9)],
         "Mid/everyday_no_think-00000-of-00001.parquet": [qa(8)],
     })
-    convs, stats = data.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="everyday_no_think")
+    convs, stats = conversations.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="everyday_no_think")
     assert [c["messages"][0]["content"] for c in convs] == ["q0", "q1", "q2"]
     assert [c["settings"] for c in convs] == [{"enable_thinking": True}, {"enable_thinking": False},
                                               {"enable_thinking": True}]
@@ -401,23 +401,23 @@ def test_hub_dataset_from_the_cache(offline_cache):
     # smoltalk's older layout data/<subset>/<split>-*.parquet, and the default one data/train-*.parquet.
     fake_hub(offline_cache, "HuggingFaceTB/smoltalk", {"data/all/train-00000-of-00001.parquet": [qa(1)],
                                                         "data/all/test-00000-of-00001.parquet": [qa(2), qa(3)]})
-    assert data.load_conversations("HuggingFaceTB/smoltalk", subset="all", split="test")[1]["loaded"] == 2
+    assert conversations.load_conversations("HuggingFaceTB/smoltalk", subset="all", split="test")[1]["loaded"] == 2
     fake_hub(offline_cache, "someone/tiny", {"data/train-00000-of-00001.parquet": [qa(4)]})
-    assert data.load_conversations("someone/tiny")[0][0]["messages"][0]["content"] == "q4"  # split "train"
+    assert conversations.load_conversations("someone/tiny")[0][0]["messages"][0]["content"] == "q4"  # split "train"
 
 
 def test_hub_dataset_not_cached_offline_gives_one_line_advice(offline_cache):
     with pytest.raises(ValueError) as e:
-        data.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
+        conversations.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
     message = str(e.value)
     assert "\n" not in message and "HF_HUB_OFFLINE is set" in message and str(offline_cache) in message
     assert "download HuggingFaceTB/smoltalk2 --repo-type dataset --include 'SFT/chats[-./]*'" in message
     # Half a download (one shard of two) is not a dataset: the same advice, not a silent half.
     fake_hub(offline_cache, "HuggingFaceTB/smoltalk2", {"SFT/chats-00000-of-00002.parquet": [{"messages": CHAT}]})
     with pytest.raises(ValueError, match=r"split 'chats' is not \(fully\) in the Hugging Face cache"):
-        data.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
+        conversations.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
     with pytest.raises(FileNotFoundError, match=r"no such dataset file or folder"):
-        data.load_conversations("./not/here.jsonl")
+        conversations.load_conversations("./not/here.jsonl")
 
 
 def test_download_asks_for_the_split_only(tmp_path, monkeypatch):
@@ -445,7 +445,7 @@ def test_download_asks_for_the_split_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    convs, stats = data.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
+    convs, stats = conversations.load_conversations("HuggingFaceTB/smoltalk2", subset="SFT", split="chats")
     assert [c[1] for c in calls] == ["dataset", "dataset"] and [c[3] for c in calls] == [True, False]
     downloaded = sorted(filter_repo_objects(listing, allow_patterns=calls[1][2]))
     # The patterns fetch this split of this subset (in its three layouts) and nothing of chats_think or Mid.
@@ -461,4 +461,4 @@ def test_download_asks_for_the_split_only(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
     with pytest.raises(ValueError, match=r"^nobody/nothing: no such local file or folder, and no such dataset on the "
                                          r"Hugging Face Hub"):
-        data.load_conversations("nobody/nothing")
+        conversations.load_conversations("nobody/nothing")

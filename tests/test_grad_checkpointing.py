@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import minisft.model
-from minisft.bench import saved_for_backward_bytes
+from minisft.memory import saved_for_backward_bytes
 from minisft.generate import generate
 from minisft.lora import add_lora
 from minisft.loss import chunked_cross_entropy

@@ -66,7 +66,7 @@ def test_bench_runs_other_trainers_without_the_switch(tmp_path, monkeypatch, set
     monkeypatch.setenv("PYTHONPATH", ROOT)  # the child imports minisft from this checkout
     monkeypatch.setattr(heap, "set_by_minisft", set_by_minisft)
     log = tmp_path / "run.log"
-    cmd = [sys.executable, "-c", SHOW]  # imports minisft first, as bench_trl does
+    cmd = [sys.executable, "-c", SHOW]  # imports minisft first, as bench.trl_side does
     rc, _, rss = bench.run_process(cmd, str(log), as_shipped=as_shipped)
     assert rc == 0 and rss > 0
     assert log.read_text().strip() == expected

@@ -51,7 +51,7 @@ def test_trainable_share(lesson):
     shares = dict(re.findall(r"^\s+(full FT|LoRA)\s+[\d,]+\s+\(\s*([\d.]+)% of", out, re.MULTILINE))
     # Full fine-tuning as lesson 6 runs it: every weight but the MLPs of the recipe's frozen upper blocks.
     from minisft.default_model import DEFAULT_MODEL
-    from minisft.evaluate import SFT_RECIPE
+    from minisft.recipes import SFT_RECIPE
     from minisft.weights import load_pretrained
     model, _ = load_pretrained(DEFAULT_MODEL)
     frozen = sum(p.numel() for block in model.model.layers[-SFT_RECIPE["freeze_top_mlps"]:]

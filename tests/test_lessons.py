@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import (REAL_MODEL_RECIPE, SFT_RECIPE, TEST_DATA, check_answer, completion_prompt, contains_answer,
-                              evaluate_model, final_answer, is_right, knowledge_probe, load_records, sft_config,
-                              sft_default, subjects_of, summarize, tuned_model, world_subjects)
+from minisft.evaluate import (check_answer, completion_prompt, contains_answer, evaluate_model, final_answer, is_right,
+                              knowledge_probe, load_records, subjects_of, summarize, world_subjects)
+from minisft.recipes import REAL_MODEL_RECIPE, SFT_RECIPE, TEST_DATA, sft_config, sft_default, tuned_model
 from minisft.tokenizer import Tokenizer
 from minisft.weights import load_pretrained
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from minisft import memory
-from minisft.bench import saved_for_backward_bytes
+from minisft.memory import saved_for_backward_bytes
 from minisft.default_model import DEFAULT_MODEL
 from minisft.lora import add_lora
 from minisft.model import ModelConfig

@@ -84,7 +84,7 @@ def test_right_padded_batches_take_the_causal_path_with_equal_results():
     assert build_attn_mask(batch["attention_mask"], 0, batch["input_ids"].shape[1], "cpu") is None
     assert_same(loss_and_grads(model, batch), separate_loss_and_grads(model, examples))
     # Packed rows and left padding still get their mask: the fast path must not leak across conversations.
-    packed = data.collate(data.pack_examples(examples, 23), PAD)
+    packed = data.collate([r for mb in data.pack_to_budget(examples, 23, 23) for r in mb], PAD)
     assert not right_padded(packed["attention_mask"])
     left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert not right_padded(left) and build_attn_mask(left, 0, 4, "cpu") is not None
@@ -102,7 +102,7 @@ def test_packed_rows_attend_per_conversation_with_the_masked_results(monkeypatch
     outputs at real positions and every gradient equal the masked path's."""
     model = fast.apply(tiny_model(seed=8))
     examples = random_examples([9, 14, 5, 7, 3, 12, 6], seed=8)
-    packed = data.collate(data.pack_examples(examples, 24), PAD)
+    packed = data.collate([r for mb in data.pack_to_budget(examples, 24, 24) for r in mb], PAD)
     assert packed["attention_mask"].max() > 1 and (packed["attention_mask"] == 0).any()  # several convs + padding
     calls = []
     per_conversation = fast_modules.per_conversation
@@ -132,7 +132,7 @@ def test_packed_rows_take_the_mask_where_the_device_says_so(monkeypatch):
     assert not attends_per_conversation("cuda") and not attends_per_conversation("mps")
     model = fast.apply(tiny_model(seed=9))
     examples = random_examples([9, 14, 5, 7, 3, 12], seed=9)
-    packed = data.collate(data.pack_examples(examples, 24), PAD)
+    packed = data.collate([r for mb in data.pack_to_budget(examples, 24, 24) for r in mb], PAD)
     calls = []
     per_conversation = fast_modules.per_conversation
     monkeypatch.setattr(fast_modules, "per_conversation", lambda *a: calls.append(1) or per_conversation(*a))

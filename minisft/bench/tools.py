@@ -1,6 +1,6 @@
 """The bench's instruments: its datasets, the matmul peak that MFU divides by, and the decoding race.
 
-`python -m minisft.bench` (bench.py) uses them; read it first. Each is small on purpose: a benchmark
+`python -m minisft.bench` (__init__.py) uses them; read it first. Each is small on purpose: a benchmark
 is only as trustworthy as what it measures, so each one says exactly what it times.
 """
 import json
@@ -40,8 +40,8 @@ def gemm_peak_flops(hidden, intermediate, tokens, device, dtype="float32", secon
 
     The best of many timings over `seconds`: a peak is what the machine CAN do, so the fastest
     run counts, not the typical one (the bench measures it again after every run and keeps the max).
-    A core that was idle needs a moment to reach full speed: measured here, the best of 0.3 s right
-    after idling came out at 120-145 GFLOP/s, the best of 1 s at 185-187.
+    A core that was idle needs a moment to reach full speed, so the timings go on for `seconds`
+    (docs/benchmarks.md shows how much a shorter window lowers the peak).
     On a GPU one such matmul takes microseconds, about what a synchronize costs, so each timing
     there spans `repeat` matmuls queued back to back (as a training step queues them).
     """

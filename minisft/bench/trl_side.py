@@ -1,8 +1,8 @@
 """The same SFT job through TRL's SFTTrainer: the reference `python -m minisft.bench` races against.
 
-    python -m minisft.bench_trl --model DIR --data FILE.jsonl --out DIR --max-steps N
-                                [--batch-size 8] [--grad-accum 1] [--max-length 1024] [--lr 5e-5]
-                                [--packing] [--gradient-checkpointing] [--device cpu] [--bf16]
+    python -m minisft.bench.trl_side --model DIR --data FILE.jsonl --out DIR --max-steps N
+                                      [--batch-size 8] [--grad-accum 1] [--max-length 1024] [--lr 5e-5]
+                                      [--packing] [--gradient-checkpointing] [--device cpu] [--bf16]
 
 minisft.bench runs this file as its own process, once per TRL row; nothing else imports it, and it
 is the only place that imports trl (an optional extra: pip install trl). It writes DIR/steps.jsonl,
@@ -32,7 +32,7 @@ def peak_mem_mb(device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minisft.bench_trl", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m minisft.bench.trl_side", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)

@@ -2,7 +2,8 @@
 
     python -m minisft.bench --mode micro [--model M] [--batch 4] [--seq 256] [--repeats 5] [--device cpu]
 
-(The end-to-end race of the whole SFT job is `python -m minisft.bench`, see bench.py.)
+(The end-to-end race of the whole SFT job is `python -m minisft.bench`, see __init__.py; what both
+measure on a real model is in docs/benchmarks.md.)
 
 Read it after lesson 4 (the loss): it measures what the chunked loss saves. Three steps are timed on the
 same random batch (fixed seed, about 30% of the labels are targets, the rest -100):
@@ -23,7 +24,7 @@ Memory column:
         activations, gradients and temporaries, but not the weights (both models stay on the GPU,
         so a plain peak would count the other implementation's weights too).
   CPU (and MPS): there is no allocator peak to read, so we count what autograd SAVES FOR BACKWARD during the
-        forward pass ("saved for backward MB"): every tensor packed by
+        forward pass ("saved for backward MB", memory.saved_for_backward_bytes): every tensor packed by
         torch.autograd.graph.saved_tensors_hooks, counted once per storage, parameters left out
         (they exist anyway). This is the activation memory a train step adds on top of the model,
         and it is deterministic. The no-grad forward saves nothing, so it reads 0.
@@ -36,7 +37,9 @@ import time
 
 import torch
 
+from minisft import fast
 from minisft.loss import IGNORE_INDEX, chunked_cross_entropy, masked_cross_entropy
+from minisft.memory import saved_for_backward_bytes
 from minisft.weights import load_pretrained, resolve_model_dir
 
 ROWS = ["forward (no grad)",
@@ -84,23 +87,6 @@ def step_fns(fns, input_ids, labels):
         return loss_sum / n
 
     return dict(zip(ROWS, (forward, full, chunked)))
-
-
-def saved_for_backward_bytes(fn, params):
-    """Bytes autograd keeps for backward while fn() builds its graph (each storage once, parameters excluded)."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = fn()
-    del loss  # frees the graph without running backward
-    return sum(seen.values())
 
 
 def run_step(fn, model):
@@ -158,7 +144,7 @@ def benchmark(model_path, batch, seq, repeats, device="cpu", seed=0):
     device = torch.device(device)
     folder = resolve_model_dir(model_path)
     ours, _ = load_pretrained(folder, dtype="float32", device=device)
-    ours.train()
+    fast.apply(ours).train()  # as the trainer runs it
     input_ids, labels = make_batch(ours.config.vocab_size, batch, seq, seed)
     input_ids, labels = input_ids.to(device), labels.to(device)
     theirs, note = load_transformers(folder, device)

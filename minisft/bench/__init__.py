@@ -6,7 +6,7 @@
 
 Read it after lesson 6. Each trainer runs the same job through its command line, in its own process:
 data file -> chat template -> batches -> optimizer steps (minisft: `python -m minisft.train`;
-TRL: `python -m minisft.bench_trl`, skipped with a note when trl is not installed). Same model
+TRL: `python -m minisft.bench.trl_side`, skipped with a note when trl is not installed). Same model
 folder with float32 weights, same conversations, same batch, accumulation and max length, AdamW at
 5e-5 with a cosine decay. The matmuls run in --dtype on both sides: float32 on a CPU; on CUDA
 bfloat16 autocast (each trainer's own: minisft `--dtype bfloat16`, TRL `bf16=True`), since that is
@@ -42,6 +42,11 @@ model and prompt, new tokens per second.
 --json prints one JSON object as the last line (null where a row did not run): minisft_tokens_per_sec
 and trl_tokens_per_sec are the equal/skewed row, mfu is minisft's there; the *_useful_tokens_per_sec
 are minisft's padded (equal/skewed), grouped and packed (best/skewed) rows.
+
+The package: this file is the race; micro.py the one-step comparison (--mode micro); tools.py its
+instruments (datasets, matmul peak, decoding race); trl_side.py the TRL trainer it races against.
+The numbers it gives on a CPU and on the real SmolLM2-135M are in docs/benchmarks.md (docs/gpu.md
+on a GPU). No lesson imports this package: it is tooling, not course material.
 """
 import argparse
 import json
@@ -55,12 +60,11 @@ import time
 
 import torch
 
+from minisft.bench.micro import benchmark, check_device, format_table
+from minisft.bench.tools import decode_speed, gemm_peak_flops, make_dataset
 from minisft.fast import heap
-from minisft.bench_micro import (ROWS, benchmark, check_device, format_table, make_batch,  # noqa: F401
-                                 minisft_fns, saved_for_backward_bytes, step_fns)
-from minisft.bench_tools import decode_speed, gemm_peak_flops, make_dataset
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import SFT_RECIPE, TRAIN_DATA, VAL_DATA
+from minisft.recipes import SFT_RECIPE, TRAIN_DATA, VAL_DATA
 
 JOBS = ("equal/shape", "equal/skewed", "grouped/skewed", "ckpt/skewed", "best/skewed", "shipped/skewed", "lesson6")
 JSON_KEYS = ("minisft_tokens_per_sec", "trl_tokens_per_sec", "minisft_peak_mb", "trl_peak_mb", "mfu",
@@ -128,7 +132,7 @@ def job_commands(job, args, work, model, max_length):
     mine = py + ["minisft.train", "--model", model, "--data", data, "--overwrite", "--dtype", args.dtype] + common + mine
     trl = None
     if args.trl and job not in ("grouped/skewed", "ckpt/skewed"):
-        trl = py + ["minisft.bench_trl", "--model", model, "--data", data] + common + [
+        trl = py + ["minisft.bench.trl_side", "--model", model, "--data", data] + common + [
             f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
             f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"] + (["--bf16"] if args.dtype == "bfloat16" else [])
         trl += {"best/skewed": ["--packing", "--gradient-checkpointing"],
