@@ -16,7 +16,7 @@ so nothing is hidden in F.cross_entropy. `chunked_cross_entropy` computes the sa
 the hidden states without ever holding the full [tokens, V] float32 logits, which for a
 49k-token vocabulary are the largest tensor of the whole step; its gradient is written by hand too
 (the gradient of cross-entropy is softmax minus the one-hot target), and computed in forward while
-each chunk's logits are at hand (the README's benchmark section measures what that saves).
+each chunk's logits are at hand (docs/speed.md measures what that saves).
 
 Shapes: B batch, T sequence length, V vocab size, D hidden size, N target tokens.
 """
@@ -141,8 +141,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     while each chunk's logits are at hand, turns them into that gradient in place (exp, divide by
     the sum: softmax; subtract 1 at the target) and runs the two matmuls that give dh [N, D] and
     dW [V, D]. Backward only scales them by `grad`. The other way, keeping the rows and
-    re-projecting each chunk in backward, runs the largest matmul of the step twice (measured on
-    SmolLM2-135M: ~5% of a training step); this way keeps dh and dW from forward to backward
+    re-projecting each chunk in backward, runs the largest matmul of the step twice (docs/speed.md
+    has its cost); this way keeps dh and dW from forward to backward
     instead, and dW is the size of the weight's own gradient, which backward makes anyway.
     Left to autograd, the same maths would save every chunk's [c, V] logits: no chunking at all.
     With no gradient needed (evaluation), forward computes the loss only.

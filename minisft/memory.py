@@ -27,10 +27,9 @@ weights, but with only 1 and then 2 decoder layers: the difference is the cost o
 is the fixed cost (embedding, final norm). Long sequences are counted at two shorter lengths and fitted
 as a + b*T (a: bf16 copies of weights that autocast keeps, independent of T; b: per token), which is
 exact when nothing grows faster than T: true here, as SDPA's fused attention keeps O(T) per head, and
-every position is made a target (the most the loss can keep). The parts are simply added. Measured
-on an H200 (README, "On a GPU"), the course's SmolLM3-3B LoRA step peaked 0.73 GB above this count,
-with and without checkpointing alike: some short-lived buffer of the GPU run that is not counted here,
-so leave a GB of room. CUDA's own context (a few hundred MB) is in neither.
+every position is made a target (the most the loss can keep). The parts are simply added. A GPU
+run's peak sits a little above this count (a short-lived buffer not counted here; docs/memory.md has
+the measurement), so leave a GB of room. CUDA's own context (a few hundred MB) is in neither.
 
 Sizes are printed in GB = 10^9 bytes.
 
