@@ -27,7 +27,7 @@ Out:  runs/06_sft_loop/  (runs/ is the lessons' scratch space: a previous run th
       final/ (the fine-tuned model), metrics.jsonl, samples.jsonl and the plots
       runs/06_sft_loop/loss.png, runs/06_sft_loop/metrics.png
       runs/06_sft_loop_overfit/loss.png  (a short run that over-fits on purpose: the warning)
-About 65-80 s on 2 CPU cores. MINISFT_FAST=1 runs 30 steps (for CI).
+About 70-80 s on 2 CPU cores (the loop by hand: ~5 s). MINISFT_FAST=1 runs 30 steps (for CI).
 Lesson 7 measures what this run changed; lesson 8 looks at its /think and /no_think modes.
 """
 import argparse
