@@ -1,11 +1,19 @@
 """Lesson 6: the SFT loop -- fine-tune the base model into a chat model.
 
-Everything from lessons 1-5 in one run of minisft.train.train:
-  chat template + label mask (lesson 2), masked loss with gradient accumulation (lesson 4),
-  warmup + cosine schedule (lesson 5), plus what a real run needs: validation loss every
-  EVAL_EVERY steps, early stopping (PATIENCE evaluations without a better val loss), sample
-  generations every SAMPLE_EVERY steps (does it stop at <|im_end|> yet?), live plots, a final
-  model folder in Hugging Face layout.
+Everything from lessons 1-5 in one loop: chat template + label mask (lesson 2), masked loss with
+gradient accumulation (lesson 4), warmup + cosine schedule (lesson 5). First the loop written out
+(sft_loop_by_hand, ~30 lines, a few steps):
+
+    data -> batches       data.build_examples (token ids + label mask), data.step_batches (each step's micro-batches)
+    accumulate            count the step's target tokens first, then backward every micro-batch's
+                          summed loss / that count (train.accumulate_gradients)
+    clip                  the global gradient norm (torch's clip_grad_norm_)
+    AdamW                 at this step's learning rate, schedule.lr_at(step)
+
+Then minisft.train.train runs that same loop (train.sft_step) for the whole recipe, and adds what a
+real run needs: validation loss every EVAL_EVERY steps, early stopping (PATIENCE evaluations
+without a better val loss), sample generations (does it stop at <|im_end|> yet?), checkpoints and
+--resume, live plots, a final model folder in Hugging Face layout.
 
 Read along:
   minisft/train.py    sft_step: one optimizer step as the algorithm (global batch, count targets,
@@ -19,10 +27,11 @@ Out:  runs/06_sft_loop/  (runs/ is the lessons' scratch space: a previous run th
       final/ (the fine-tuned model), metrics.jsonl, samples.jsonl and the plots
       runs/06_sft_loop/loss.png, runs/06_sft_loop/metrics.png
       runs/06_sft_loop_overfit/loss.png  (a short run that over-fits on purpose: the warning)
-About 60-75 s on 2 CPU cores. MINISFT_FAST=1 runs 30 steps (for CI).
+About 70-80 s on 2 CPU cores (the loop by hand: ~5 s). MINISFT_FAST=1 runs 30 steps (for CI).
 Lesson 7 measures what this run changed; lesson 8 looks at its /think and /no_think modes.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,10 +40,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.environ.get("MINISFT_RUNS", os.path.join(ROOT, "runs"))  # where run outputs go (tests redirect it)
 sys.path.insert(0, ROOT)
 
+import torch
+
+from minisft import data, schedule
 from minisft.default_model import DEFAULT_MODEL
 from minisft.generate import chat
 from minisft.recipes import REAL_MODEL_RECIPE, TRAIN_DATA, VAL_DATA, same_model, sft_config
-from minisft.train import train
+from minisft.train import accumulate_gradients, param_groups, pick_template, to_device, train
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
@@ -63,6 +75,7 @@ KNOBS = dict(
 # With --model a real SmolLM (135M+), lr and min_lr come from REAL_MODEL_RECIPE (lr 5e-5, 30x smaller:
 # a big pretrained model needs small steps, or SFT overwrites what it knows), and every MLP trains.
 FAST_STEPS = 30  # MINISFT_FAST=1: CI only checks that the lesson runs
+HAND_STEPS = 12  # the loop written out runs this many steps (a few seconds), on 16 x HAND_STEPS conversations
 OUT = os.path.join(RUNS, "06_sft_loop")
 # New: a second, short run that over-fits on purpose, to see the trainer's over-fitting warning.
 OVERFIT = dict(n_conversations=32, max_steps=60, eval_every=5, overfit_evals=3,  # 60 steps = 12 epochs (5 packed micro-batches)
@@ -94,8 +107,19 @@ def main():
     if args.lr is not None:
         knobs["lr"] = args.lr
     cfg = sft_config(args.out, model=args.model, **knobs)  # overwrite=True: runs/ is scratch space
-    print(f"SFT of {args.model} on {cfg.data} (val {cfg.val_data}) -> {args.out}\n")
 
+    sft_loop_by_hand(cfg)
+
+    # New: the same loop, run by the trainer, with everything around it that a real run needs.
+    print(f"\ntrain(): the same step (train.sft_step) for the whole recipe, and around it what a real run needs:\n"
+          f"  eval        validation loss every {cfg.eval_every} steps; early stopping after {cfg.patience} without "
+          f"a better one\n"
+          f"  samples     greedy answers to {cfg.num_samples} validation prompts every {cfg.sample_every} steps\n"
+          f"  checkpoints weights + AdamW moments + RNG states + data position; resume (--resume) carries on exactly\n"
+          f"  plots       loss.png and metrics.png, refreshed every {cfg.plot_every} steps\n"
+          f"  and         packed micro-batches (lesson 11), frozen text embeddings and top MLPs (lesson 10), "
+          f"a final/ model folder\n")
+    print(f"SFT of {args.model} on {cfg.data} (val {cfg.val_data}) -> {args.out}\n")
     t0 = time.perf_counter()
     summary = train(cfg)
     print(f"\nwall time {time.perf_counter() - t0:.0f}s; stop reason: {summary['stop_reason']}")
@@ -113,6 +137,39 @@ def main():
         print(f"  [{messages[0]['content'].split()[-1]}] {messages[-1]['content']}\n    -> {answer!r}")
 
     overfit_demo(args.model)
+
+
+def sft_loop_by_hand(cfg):
+    """New: the SFT loop written out from the library's pieces, for HAND_STEPS steps of cfg's recipe
+    (plain padded micro-batches, every weight training). Prints the loss of every step."""
+    print(f"the SFT loop by hand: {HAND_STEPS} steps of {cfg.batch_size} x {cfg.grad_accum} conversations")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model, tok = load_pretrained(cfg.model, device="cpu")  # float32 weights: small updates must not round away
+    # data -> batches: conversations -> token ids + label mask (lesson 2) -> the micro-batches of each step
+    with open(cfg.data, encoding="utf-8") as f:
+        convs = [json.loads(line)["messages"] for _, line in zip(range(16 * HAND_STEPS), f)]
+    examples, _ = data.build_examples(tok, convs, template=pick_template(cfg, tok), max_length=cfg.max_length)
+    batches = data.step_batches(examples, cfg.batch_size * cfg.grad_accum, cfg.batch_size, cfg.seed, tok.pad_id)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), betas=(cfg.beta1, cfg.beta2))
+    model.train()
+    for step in range(HAND_STEPS):
+        micro_batches = [to_device(mb, "cpu") for mb in batches(step)]  # the step's global batch, in pieces
+        # New: count the target tokens of the WHOLE step first: every token then weighs 1 / n_targets
+        n_targets = sum(data.count_targets(mb["labels"]) for mb in micro_batches)
+        optimizer.zero_grad()
+        # New: accumulate -- backward each micro-batch's summed loss / n_targets; the gradients add up
+        loss_sum = accumulate_gradients(model, micro_batches, n_targets)
+        # New: clip the global gradient norm (the norm before clipping is what a run logs)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # New: AdamW at this step's learning rate: warmup, then cosine down to min_lr (lesson 5)
+        lr = schedule.lr_at(step, base_lr=cfg.lr, warmup_steps=2, total_steps=HAND_STEPS, min_lr=cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        print(f"  step {step:>2} | loss {float(loss_sum) / n_targets:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} "
+              f"| {len(micro_batches)} micro-batches, {n_targets} target tokens")
+    print(f"  ({time.perf_counter() - t0:.1f}s, the model loaded from disk included)")
 
 
 def overfit_demo(model):

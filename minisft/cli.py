@@ -1,4 +1,4 @@
-"""The command line of the trainer: `python -m minisft.train --help`.
+"""The command line of the trainer: `python -m minisft.train --help` (train.main -> run).
 
 One flag per TrainConfig field (config.py), spelled with dashes: `batch_size` -> `--batch-size`.
 Every error a user can cause -- a bad value, a missing file, a folder that already holds a run --
@@ -83,9 +83,9 @@ def config_from_args(given):
     return TrainConfig(**{**keep, **given})
 
 
-def main(argv=None):
-    from minisft.train import train  # train.py's `python -m minisft.train` calls this main()
-
+def run(train, argv=None):
+    """Parse `argv` (default: sys.argv), run `train` (train.train) on its TrainConfig -> the exit code.
+    train.py's main() calls this: the trainer imports its command line, never the other way round."""
     given = vars(build_parser().parse_args(argv))
     try:
         summary = train(config_from_args(given))

@@ -1,7 +1,7 @@
 """Writing files so that a crash or a power cut never leaves a half-written one behind.
 
-Used by checkpoint.py (checkpoints), weights.py (final/, any saved model) and rundir.py (the run
-folder's logs and lock). Two guarantees, and what each costs:
+Used by checkpoint.py (checkpoints), weights.py (final/, any saved model), lora.py (adapter
+folders) and rundir.py (the run folder's logs and lock). Two guarantees, and what each costs:
 
 - Atomic: a file or folder is written under a temporary name beside its destination and renamed
   into place with os.replace(). A reader sees the old version or the new one, never half of one;
@@ -14,7 +14,10 @@ folder's logs and lock). Two guarantees, and what each costs:
 fsync costs a few milliseconds per file on an SSD: nothing next to a training step, which is why
 only checkpoints and saved models pay it, not the per-step metrics lines.
 """
+import json
 import os
+import shutil
+import uuid
 
 
 def fsync_file(path):
@@ -60,6 +63,54 @@ def commit_dir(tmp, final):
     fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
+def write_dir(out_dir, write):
+    """Write the folder `out_dir` atomically and durably: write(tmp) fills a fresh temporary folder
+    beside it (same file system, so the rename is atomic); every file and folder is fsynced; then
+    tmp takes out_dir's place, replacing what was there. The caller checks first that out_dir may
+    be replaced. A failure leaves out_dir as it was and no temporary folder; an Exception comes back
+    as write_error's one-line OSError. Returns out_dir."""
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = fresh_name(out_dir, "tmp")
+    os.mkdir(tmp)  # (not mkdtemp: that makes it private to the user, mode 0700)
+    try:
+        write(tmp)
+        sync_tree(tmp)  # durable before the rename makes it visible
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            old = fresh_name(out_dir, "old")
+            os.rename(out_dir, old)  # no OS renames a folder onto a non-empty one
+            try:
+                os.rename(tmp, out_dir)
+            except BaseException:
+                os.rename(old, out_dir)  # put the previous folder back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty: Windows cannot rename a folder onto one
+            os.rename(tmp, out_dir)
+        fsync_dir(parent)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out_dir, e) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def fresh_name(path, what):
+    """A hidden, unused path beside `path`: `.name.tmp-1a2b3c4d`."""
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{what}-{uuid.uuid4().hex[:8]}")
+
+
+def write_json(path, obj):
+    """`obj` as indented UTF-8 JSON with a final newline (config files a person may read)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def replace_file(tmp, final):
     """Durably rename the finished file `tmp` onto `final`."""
     fsync_file(tmp)
@@ -69,7 +120,6 @@ def replace_file(tmp, final):
 
 def read_json(path):
     """Parse a JSON file; a syntax error becomes a one-line ValueError naming the file and the line."""
-    import json
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

@@ -18,12 +18,10 @@ The files are peft's: `save_adapter` writes adapter_config.json + adapter_model.
 
 Shapes: in / out the layer's input / output features, r the rank, ... any leading dimensions.
 """
-import argparse
 import json
 import math
 import os
 import re
-import shutil
 import sys
 
 import torch
@@ -31,8 +29,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minisft.files import read_json, write_error
-from minisft.weights import _fresh_name, _write_json, load_pretrained, save_pretrained
+from minisft.files import read_json, write_dir, write_json
 
 ALL_LINEAR = "all-linear"
 
@@ -206,58 +203,26 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
               "lora_dropout": dropout, "target_modules": targets, "base_model_name_or_path": str(base_model_name_or_path),
               "revision": None, "inference_mode": True, "init_lora_weights": True, "auto_mapping": None}
 
+    out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
+    _check_replaceable(out_dir, overwrite)
+
     def write(tmp):
-        _write_json(os.path.join(tmp, CONFIG), dict(sorted(config.items())))
+        write_json(os.path.join(tmp, CONFIG), dict(sorted(config.items())))
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp, chat_template=chat_template)
-    return _write_durably(out_dir, write, overwrite)
+    return write_dir(out_dir, write)  # atomic and durable, as save_pretrained's model folders (files.py)
 
 
-def _write_durably(out_dir, write, overwrite):
-    out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
+def _check_replaceable(out_dir, overwrite):
+    """Never replace anything but an adapter folder (a run folder has sub-folders: never that)."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{out_dir}: exists and is not a folder")
-    # Never replace anything but an adapter folder (a run folder has sub-folders: never that).
     if names and (CONFIG not in names or any(os.path.isdir(os.path.join(out_dir, n)) for n in names)):
         raise FileExistsError(f"{out_dir}: folder exists, is not empty and is not an adapter folder; choose another")
     if names and not overwrite:
         raise FileExistsError(f"{out_dir}: an adapter folder already exists here; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp, old = _fresh_name(out_dir, "tmp"), _fresh_name(out_dir, "old")
-    os.mkdir(tmp)
-    try:
-        write(tmp)
-        for n in os.listdir(tmp):  # on disk before the rename makes them visible
-            _fsync(os.path.join(tmp, n), os.O_RDWR)
-        _fsync(tmp)
-        if os.path.isdir(out_dir):
-            os.rename(out_dir, old)  # os.replace cannot replace a non-empty folder
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if os.path.isdir(old):
-                os.rename(old, out_dir)
-            raise
-        _fsync(parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(out_dir, e) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _fsync(path, flags=os.O_RDONLY):
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)  # a folder's fsync makes the names (renames) in it durable
-    finally:
-        os.close(fd)
 
 
 def read_adapter_config(adapter_dir):
@@ -342,30 +307,8 @@ def adapter_base(adapter_dir):
     return near if not os.path.isdir(os.path.expanduser(base)) and os.path.isdir(near) else base
 
 
-# ---- python -m minisft.lora merge ADAPTER_DIR OUT_DIR -----------------------------------------
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minisft.lora", description="Merge a LoRA adapter into its base model.")
-    m = ap.add_subparsers(dest="cmd", required=True).add_parser(
-        "merge", help="write base + adapter as one plain model folder (Hugging Face layout)")
-    m.add_argument("adapter_dir"), m.add_argument("out_dir")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the merged weights")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at OUT_DIR")
-    args = ap.parse_args(argv)
-    try:
-        read_adapter_config(args.adapter_dir)
-        model, tok = load_pretrained(args.adapter_dir, dtype="float32", device="cpu")
-        if not merge_lora(model):  # in float32, then cast once
-            raise ValueError(f"{args.adapter_dir}: holds full model weights, not a LoRA adapter to merge")
-        save_pretrained(model.to(getattr(torch, args.dtype)), tok, args.out_dir, overwrite=args.overwrite)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"merged {args.adapter_dir} into {args.out_dir}")
-    return 0
-
-
 if __name__ == "__main__":
-    # Run the imported module's main: this file as __main__ would define a second LoRALinear
-    # class, and the layers load_adapter makes would not be instances of it.
-    from minisft.lora import main as _main
-    sys.exit(_main())
+    # `python -m minisft.lora merge ADAPTER_DIR OUT_DIR` is merge.py's command: merging needs model
+    # folders (weights.py), and weights.py needs this module, so the command lives beside both.
+    from minisft.merge import main
+    sys.exit(main())

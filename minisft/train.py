@@ -13,16 +13,20 @@ One optimizer step of SFT, in `sft_step` below:
   5. AdamW step at the learning rate of this step, lr_at(step) (warmup + cosine, schedule.py)
   6. hand the step's numbers to what watches the run (watch.py) and records it (rundir.py)
 
-`train()` sets the stage (model, data, optimizer, schedule, resume) and calls sft_step until the
-run is done. It owns no maths of its own; the pieces live in one module each:
+`train()` sets the stage -- build_model, load_data, plan_schedule, optim.make_optimizer, resume -- and
+calls sft_step until the run is done; record_step writes down each step. It owns no maths of its
+own; the pieces live in one module each:
 
-    config.py        TrainConfig: every knob of a run       cli.py         the command line
-    data.py          conversations -> examples -> batches    loss.py        masked, summed token losses
-    schedule.py      the learning rate of every step         watch.py       eval, samples, early stopping
-    rundir.py        metrics, plots, checkpoints, resume      distributed.py several processes (torchrun)
+    config.py     TrainConfig: every knob of a run           cli.py         the command line
+    data.py       conversations -> examples -> batches       loss.py        masked, summed token losses
+    schedule.py   the learning rate of every step            watch.py       eval, samples, early stopping
+    rundir.py     metrics, plots, checkpoints, resume        distributed.py several processes (torchrun)
+    optim.py      AdamW's groups, frozen parts (lesson 10)   console.py     what the console shows
+    fast/         the speed layer build_model applies: the same numbers, less time and memory (lesson 11)
 
 Steps are counted from 0: metrics line "step": s is optimizer step s, trained at lr_at(s).
 """
+import functools
 import math
 import random
 import sys
@@ -32,18 +36,17 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, conversations, data, distributed, schedule
+from minisft import chat_template, cli, console, conversations, data, distributed, fast, schedule
 from minisft.checkpoint import list_checkpoints
-from minisft.cli import main  # noqa: F401  (python -m minisft.train runs it: see the end of this file)
 from minisft.config import TrainConfig, check_config  # noqa: F401
 from minisft.data import to_device  # noqa: F401  (part of this module's API since lesson 4)
-from minisft.lora import add_lora, count_parameters
+from minisft.lora import add_lora
 from minisft.loss import batch_loss
-from minisft.rundir import TIMING_KEYS, RunFolder, StopRequest, check_out_dir, final_template, fmt_time  # noqa: F401
+from minisft.optim import freeze_text_embeddings, freeze_top_mlps, make_optimizer, param_groups  # noqa: F401
+from minisft.rundir import TIMING_KEYS, RunFolder, StopRequest, check_out_dir, final_template  # noqa: F401
 from minisft.rundir import peak_memory_mb, saved_config  # noqa: F401
 from minisft.watch import Watch, overfitting, repetition_loop  # noqa: F401
 from minisft.weights import load_pretrained, pick_device
-
 
 def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0):
     """Backward every micro-batch so that the gradients are those of ONE loss:
@@ -96,11 +99,9 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     lr = lr_at(step)
     for g in optimizer.param_groups:
         g["lr"] = lr
-    # Zeroed in place, not freed (set_to_none=False): the gradient buffers are made once, at the first
-    # step, and stay. Freed after every step, they came back in the middle of the next backward, when
-    # the activations have cut the heap into pieces; a CPU process then held ~0.2 GB more at its peak
-    # (SmolLM2-135M, README). AdamW steps the same: every trainable parameter gets a gradient in
-    # every backward (the model has no branch a batch can skip), so a zeroed one is never left unused.
+    # Zeroed in place, not freed: the gradient buffers are made once and stay, instead of coming back
+    # mid-backward into a heap the activations have fragmented (docs/heap.md: the peak memory it saves).
+    # Every trainable parameter gets a gradient in every backward, so AdamW steps the same.
     optimizer.zero_grad(set_to_none=False)
     loss_sum = accumulate_gradients(runner, [to_device(mb, device) for mb in micro_batches], n_targets,
                                     chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world)
@@ -123,80 +124,9 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens}
 
 
-def freeze_text_embeddings(model, trainable_ids):
-    """Let only the rows `trainable_ids` of the token embedding (and of lm_head) learn. Lesson 10.
-
-    Why: SFT asks about some subjects and not others. When every row may move, the rows of the tokens
-    the SFT data uses (the names it asks about) drift towards what the chat answers need, while the
-    rows of names it never shows stay where pretraining put them. The blocks then adapt to the moved
-    rows, and a question about a name SFT never showed falls back on a name it did show. Frozen, every
-    name keeps the representation pretraining gave it, so what the blocks learn about answering
-    applies to all of them. The chat markup (<|im_start|>, <|im_end|>, <think>, ...) is new to a base
-    model: its rows must learn, so they stay trainable.
-
-    A gradient hook zeroes the other rows' gradient: AdamW's moments stay 0 there and the embedding
-    is in the group without weight decay (param_groups), so those rows never change.
-    """
-    for p in {id(p): p for p in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():  # tied: once
-        rows = torch.zeros(p.shape[0], 1, device=p.device, dtype=p.dtype)  # [V, 1]: 1 where a row learns
-        rows[[i for i in trainable_ids if i < p.shape[0]]] = 1
-        p.register_hook(lambda grad, rows=rows: grad * rows)
-
-
-def freeze_top_mlps(model, n):
-    """Keep the MLPs of the last n decoder blocks as pretraining left them. Lesson 10.
-
-    Why: an MLP works as a key-value memory (its first matrices match a pattern of the hidden state,
-    its last one writes what goes with it), and an upper block's MLP writes close to the output.
-    Trained on the same few questions again and again, the upper MLPs learn the seen answers by heart,
-    whole: asked about an animal SFT never showed, the model writes the colour pretraining stored for
-    it, but attached to a seen animal of that colour, whose answer sentence the MLPs now hold. Frozen,
-    they keep what pretraining put there; attention and the lower blocks still learn the chat format
-    and how to reach a stored fact. Measured on the default model with lesson 6's recipe (README, lesson
-    10): held-out facts said in chat 80%, 67% and 83% at seeds 0, 1, 2, against 67-70% with every MLP
-    trained.
-
-    Frozen weights have requires_grad False: no gradient is computed for them and AdamW never sees
-    them (param_groups leaves them out).
-    """
-    layers = model.model.layers
-    if n > len(layers):
-        raise ValueError(f"--freeze-top-mlps={n}: expected at most {len(layers)} (the model has {len(layers)} decoder blocks)")
-    for block in list(layers)[len(layers) - n:]:
-        block.mlp.requires_grad_(False)
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups: weight decay on the weight matrices of the linear layers, nowhere else.
-
-    - RMSNorm gains are scales whose natural value is 1; decay would pull them towards 0.
-    - Biases (when a model has them) are offsets; decaying them buys nothing.
-    - The embedding (tied to lm_head in SmolLM) is indexed by token. AdamW's decay is decoupled:
-      it shrinks every row by lr * wd at every step, gradient or not. Rows of tokens the SFT data
-      never uses would fade away, drifting from the pretrained model for no reason.
-
-    Frozen parameters (the base model under LoRA) are left out: AdamW never sees them.
-    """
-    vocab = {id(model.model.embed_tokens.weight), id(model.lm_head.weight)}
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # named_parameters lists a tied tensor once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in vocab else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def cuda_bf16(device):
     """True on a CUDA GPU that computes in bfloat16: what --dtype auto (and --base-dtype auto) pick it on."""
     return str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
-
-
-def make_optimizer(model, cfg, lr, device_type):
-    """AdamW over param_groups(model). On CUDA the fused kernel updates every tensor of a group in
-    one launch, where PyTorch's default there would launch several kernels per step for each group;
-    elsewhere PyTorch's default (on the CPU, a loop over the tensors, whose temporaries are the size
-    of one tensor). The maths is the same: tests/test_train.py compares one step of each."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=1e-8, fused=True if device_type == "cuda" else None)
 
 
 def load_data(cfg, model, tokenizer, template, log):
@@ -249,6 +179,116 @@ def load_data(cfg, model, tokenizer, template, log):
     return examples, val_examples, prompts, info
 
 
+def build_model(cfg, device):
+    """The model to train -> (model, tokenizer): the pretrained weights, then what the recipe changes.
+
+    float32 weights; on CUDA the matmuls run in bfloat16 under autocast (autocast_for). Why not
+    bfloat16 weights: bf16 keeps 8 bits of mantissa, so an update smaller than ~1/256 of a weight
+    rounds away, and fine-tuning's updates (lr 5e-5) are mostly that small. With LoRA the base is
+    frozen: nothing is added to its weights, so bfloat16 loses nothing there and halves their memory;
+    the adapters, which do train, stay float32 (lora.py).
+    """
+    random.seed(cfg.seed)  # before anything random: LoRA's init, dropout, the data order
+    torch.manual_seed(cfg.seed)
+    bf16_base = cfg.lora_r and (cfg.base_dtype == "bfloat16" or (cfg.base_dtype == "auto" and cuda_bf16(device)))
+    model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{cfg.model}: no tokenizer.json next to the weights (training needs the tokenizer)")
+    if cfg.lora_r:  # New in lesson 9: freeze the model, train low-rank adapters on its linear layers
+        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.freeze_embeddings:  # New in lesson 10: the text tokens keep their pretrained embedding rows
+        freeze_text_embeddings(model, tokenizer.added_ids)
+    if cfg.freeze_top_mlps:  # New in lesson 10: so do the MLPs of the upper blocks
+        freeze_top_mlps(model, cfg.freeze_top_mlps)
+    if cfg.fast:  # New in lesson 11: the speed layer swaps in modules that compute the same numbers faster
+        fast.apply(model)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    return model, tokenizer
+
+
+def autocast_for(cfg, device):
+    """-> (a function giving the forward's autocast context, whether that is bfloat16)."""
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda_bf16(device))
+    device_type = torch.device(device).type
+    return ((lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext), use_bf16
+
+
+def pick_template(cfg, tokenizer):
+    """The chat format to train with: --template, else the one the model's tokenizer carries."""
+    if cfg.template is not None:
+        return cfg.template
+    try:
+        return chat_template.template_for(tokenizer)
+    except ValueError:  # guessing a format would train the model on turns it will never see
+        raise ValueError(f"{cfg.model}: its chat template is not SmolLM2, SmolLM3 or ChatML; choose the "
+                         f"format to train with --template ({', '.join(chat_template.TEMPLATES)})") from None
+
+
+def plan_schedule(cfg, steps_per_epoch):
+    """-> (total_steps, warmup_steps, lr_at): how long the run is, and the learning rate of each step."""
+    total_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
+    warmup = cfg.warmup_steps
+    if warmup is None:
+        warmup = schedule.warmup_from_ratio(cfg.warmup_ratio, total_steps)
+    lr_at = functools.partial(schedule.lr_at, base_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps,
+                              min_lr=cfg.min_lr)
+    return total_steps, warmup, lr_at
+
+
+def new_state():
+    """Where the run stands: everything a checkpoint must carry besides tensors."""
+    return {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "gaps": [],
+            "train_since_eval": [0.0, 0], "tokens_seen": 0, "elapsed_s": 0.0, "stop_reason": None}
+
+
+def record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg, device, watch, run, model, log):
+    """After optimizer step `step`: the progress line, evaluation and samples (watch.py), the best
+    weights, the metrics line (rundir.py). `state` already counts the step's tokens and time."""
+    rec = {"step": step, "epoch": step // steps_per_epoch, **numbers,
+           "tokens_per_sec": numbers["input_tokens"] / dt, "target_tokens_per_sec": numbers["tokens"] / dt,
+           "step_time_s": dt, "elapsed_s": state["elapsed_s"], "eta_s": eta, "peak_mem_mb": peak_memory_mb(device)}
+    last = step + 1 == total_steps
+    if (step + 1) % cfg.log_every == 0 or last:
+        log(console.progress_line(rec, total_steps), flush=True)
+    seen = watch.after_step(state, step, numbers["loss"], numbers["tokens"], last)
+    if seen.pop("new_best", False) and cfg.patience:
+        run.save_best(model)
+    run.append("samples.jsonl", seen.pop("samples", []))
+    rec.update(seen)
+    run.append("metrics.jsonl", [rec])
+
+
+def stop_requested(stop, done, cfg, world, device):
+    """Ctrl-C (or --stop-after-step) after `done` steps? With several processes: if any saw it, all stop."""
+    stop_now = stop.requested or (cfg.stop_after_step is not None and done >= cfg.stop_after_step)
+    if world > 1:  # Ctrl-C may reach only some processes: all stop, or none
+        stop_now = distributed.all_reduce_sum([float(stop_now)], device)[0] > 0
+    return stop_now
+
+
+def after_interrupt(state, save, last_ckpt, cfg, log):
+    """Ctrl-C: a checkpoint if the weights and `state` agree, and how to resume -> the last checkpoint.
+
+    Between optimizer.step() and the end of the step's bookkeeping (state["updating"]) the weights
+    are one step ahead of `state`: that state cannot be saved consistently."""
+    if state.pop("updating", False):
+        log(f"interrupted in the middle of step {state['step']}: no checkpoint written; "
+            f"the last one is {last_ckpt}", file=sys.stderr)
+    else:
+        last_ckpt = save()
+        log(f"interrupted after {state['step']} steps; checkpoint {last_ckpt}")
+    log(f"resume with: python -m minisft.train --out {cfg.out} --resume")
+    state["stop_reason"] = state["stop_reason"] or "interrupted"
+    return last_ckpt
+
+
+def save_final(run, model, tokenizer, template, cfg, state, log):
+    """final/: the fine-tuned model; with early stopping the best weights, not the last -> its path."""
+    if cfg.patience and run.load_best(model):
+        log(f"final/ holds the weights of step {state['best_step']} (best val loss {state['best_val_loss']:.4f})")
+    return run.save_final(model, tokenizer, template, cfg.model)
+
+
 def train(cfg):
     """Fine-tune cfg.model on cfg.data; returns a summary dict (see the end of this function).
 
@@ -263,59 +303,22 @@ def train(cfg):
     old_files = check_out_dir(cfg)  # every process checks before anything is loaded or written
     distributed.barrier(world)
 
-    # ---- model: float32 weights; on CUDA the matmuls run in bfloat16 under autocast ----------
-    # Why not bfloat16 weights: bf16 keeps 8 bits of mantissa, so an update smaller than ~1/256
-    # of a weight rounds away, and fine-tuning's updates (lr 5e-5) are mostly that small.
-    # float32 master weights + autocast keep the updates and still run the heavy maths in bf16.
-    # With LoRA the base is frozen: nothing is added to its weights, so bfloat16 loses nothing there
-    # and halves their memory; the adapters, which do train, stay float32 (lora.py).
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    on_cuda_bf16 = cuda_bf16(device)
-    bf16_base = cfg.lora_r and (cfg.base_dtype == "bfloat16" or (cfg.base_dtype == "auto" and on_cuda_bf16))
-    model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{cfg.model}: no tokenizer.json next to the weights (training needs the tokenizer)")
-    if cfg.lora_r:  # New in lesson 9: freeze the model, train low-rank adapters on its linear layers
-        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    if cfg.freeze_embeddings:  # New in lesson 10: the text tokens keep their pretrained embedding rows
-        freeze_text_embeddings(model, tokenizer.added_ids)
-    if cfg.freeze_top_mlps:  # New in lesson 10: so do the MLPs of the upper blocks
-        freeze_top_mlps(model, cfg.freeze_top_mlps)
-    model.grad_checkpointing = cfg.grad_checkpointing
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_cuda_bf16)
-    device_type = torch.device(device).type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    template = cfg.template
-    if template is None:
-        try:
-            template = chat_template.template_for(tokenizer)
-        except ValueError:  # guessing a format would train the model on turns it will never see
-            raise ValueError(f"{cfg.model}: its chat template is not SmolLM2, SmolLM3 or ChatML; choose the "
-                             f"format to train with --template ({', '.join(chat_template.TEMPLATES)})") from None
+    # ---- model, data, steps, schedule, optimizer ---------------------------------------------
+    model, tokenizer = build_model(cfg, device)
+    autocast, use_bf16 = autocast_for(cfg, device)
+    template = pick_template(cfg, tokenizer)
     tokenizer.check_fits(model.config.vocab_size, cfg.model, needs=("<|im_start|>", "<|im_end|>"))
     examples, val_examples, prompts, info = load_data(cfg, model, tokenizer, template, log)
-
-    # ---- steps, schedule, optimizer -----------------------------------------------------------
     micro = 1 if cfg.packing else cfg.batch_size  # packed: one unit = one micro-batch
     global_batch = micro * cfg.grad_accum * world
     batches = data.step_batches(examples, global_batch, micro, cfg.seed, tokenizer.pad_id, cfg.group_by_length,
                                 rank, world, packed=cfg.packing)
     steps_per_epoch = batches.steps_per_epoch
-    total_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
-    warmup = cfg.warmup_steps
-    if warmup is None:
-        warmup = schedule.warmup_from_ratio(cfg.warmup_ratio, total_steps)
-
-    def lr_at(step):
-        return schedule.lr_at(step, base_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps, min_lr=cfg.min_lr)
-
-    optimizer = make_optimizer(model, cfg, lr_at(0), device_type)
+    total_steps, warmup, lr_at = plan_schedule(cfg, steps_per_epoch)
+    optimizer = make_optimizer(model, cfg, lr_at(0), torch.device(device).type)
     runner = distributed.wrap(model, cfg.chunked_loss, world)
 
-    # ---- where the run stands: everything a checkpoint must carry besides tensors ----------
-    state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "gaps": [],
-             "train_since_eval": [0.0, 0], "tokens_seen": 0, "elapsed_s": 0.0, "stop_reason": None}
+    state = new_state()
     run = RunFolder(cfg.out, main_proc, log)
     if cfg.resume:  # weights, AdamW moments, RNG states and `state` as the last checkpoint left them
         state, ckpt = run.resume(model, optimizer, cfg, world, keys=list(state))
@@ -329,17 +332,9 @@ def train(cfg):
         distributed.barrier(world)
         return path
 
-    trainable, total = count_parameters(model)
-    log(f"model {cfg.model}: {total:,} parameters on {device}{' (bfloat16 autocast)' if use_bf16 else ''}; "
-        f"template {template}" + (f"; LoRA r={cfg.lora_r}: {trainable:,} trainable ({100 * trainable / total:.2f}%)"
-                                  f"{', base in bfloat16' if bf16_base else ''}" if cfg.lora_r else ""))
-    packed = f", packed into {len(examples)} micro-batches of <= {info['budget']} tokens" if cfg.packing else ""
-    log(f"data: {info['conversations']} training conversations ({info['dropped_no_target']} dropped: nothing to "
-        f"train on, {info['truncated']} truncated){packed}; {len(val_examples)} validation")
-    log(f"{total_steps} steps of {global_batch} {'micro-batches' if cfg.packing else 'examples'} "
-        f"({micro} x {cfg.grad_accum} accumulation"
-        f"{f' x {world} processes' if world > 1 else ''}), {steps_per_epoch} steps per epoch; "
-        f"lr {cfg.lr:g}, warmup {warmup}")
+    for line in console.opening_lines(cfg, model, device, use_bf16, template, examples, val_examples, info,
+                                     (total_steps, warmup, steps_per_epoch, global_batch, micro, world)):
+        log(line)
 
     # ---- the loop ---------------------------------------------------------------------------
     start_step, t_start, elapsed0 = state["step"], time.perf_counter(), state["elapsed_s"]
@@ -361,69 +356,41 @@ def train(cfg):
                                              f"Try a lower --lr (now {cfg.lr:g}) or look at the data of this step") from None
 
                 # ---- what watches and records the run: metrics, evaluation, samples, checkpoint, plots
-                dt, done, last = time.perf_counter() - t0, step + 1, step + 1 == total_steps
+                dt, done = time.perf_counter() - t0, step + 1
                 state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
                 state["tokens_seen"] += numbers["tokens"]
                 eta = (time.perf_counter() - t_start) / (done - start_step) * (total_steps - done)
-                rec = {"step": step, "epoch": step // steps_per_epoch, **numbers,
-                       "tokens_per_sec": numbers["input_tokens"] / dt, "target_tokens_per_sec": numbers["tokens"] / dt,
-                       "step_time_s": dt,
-                       "elapsed_s": state["elapsed_s"], "eta_s": eta, "peak_mem_mb": peak_memory_mb(device)}
-                if done % cfg.log_every == 0 or last:
-                    log(f"step {step:>5}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                        f"grad {rec['grad_norm']:.3f} | {rec['tokens_per_sec']:,.0f} tok/s | eta {fmt_time(eta)}",
-                        flush=True)
-                seen = watch.after_step(state, step, numbers["loss"], numbers["tokens"], last)
-                if seen.pop("new_best", False) and cfg.patience:
-                    run.save_best(model)
-                run.append("samples.jsonl", seen.pop("samples", []))
-                rec.update(seen)
-                run.append("metrics.jsonl", [rec])
+                record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg, device, watch, run,
+                            model, log)
                 state["step"] = done
                 state.pop("updating", None)  # the weights and `state` agree again
-                if (cfg.save_every and done % cfg.save_every == 0) or last or state["stop_reason"]:
+                if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps or state["stop_reason"]:
                     last_ckpt = save() or last_ckpt
                 if cfg.plot_every and done % cfg.plot_every == 0:
                     run.refresh_plots()
-                stop_now = stop.requested or (cfg.stop_after_step is not None and done >= cfg.stop_after_step)
-                if world > 1:  # Ctrl-C may reach only some processes: all stop, or none
-                    stop_now = distributed.all_reduce_sum([float(stop_now)], device)[0] > 0
-                if stop_now:
+                if stop_requested(stop, done, cfg, world, device):
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            # Between optimizer.step() and the end of the step's bookkeeping the weights are one
-            # step ahead of `state`: that state cannot be saved consistently.
             interrupted = True
-            if state.pop("updating", False):
-                log(f"interrupted in the middle of step {state['step']}: no checkpoint written; "
-                    f"the last one is {last_ckpt}", file=sys.stderr)
-            else:
-                last_ckpt = save()
-                log(f"interrupted after {state['step']} steps; checkpoint {last_ckpt}")
-            log(f"resume with: python -m minisft.train --out {cfg.out} --resume")
-            state["stop_reason"] = state["stop_reason"] or "interrupted"
+            last_ckpt = after_interrupt(state, save, last_ckpt, cfg, log)
         finally:
             state.pop("updating", None)
 
         # ---- the end: final model, plots ------------------------------------------------------
-        final_dir = None
-        if not interrupted and main_proc:
-            if cfg.patience and run.load_best(model):  # early stopping keeps the best weights, not the last
-                log(f"final/ holds the weights of step {state['best_step']} (best val loss "
-                    f"{state['best_val_loss']:.4f})")
-            final_dir = run.save_final(model, tokenizer, template, cfg.model)
+        final_dir = None if interrupted or not main_proc else save_final(run, model, tokenizer, template, cfg, state, log)
         run.refresh_plots()
         distributed.barrier(world)
     last_loss = run.last_loss() if main_proc else None
-    best_txt = ("" if state["best_step"] is None else
-                f"; best val loss {state['best_val_loss']:.4f} at step {state['best_step']}")
-    last_txt = f"; last train loss {last_loss:.4f}" if last_loss is not None else ""
-    log(f"done: {state['step']}/{total_steps} steps ({state['stop_reason'] or 'finished'}){last_txt}{best_txt}")
+    log(console.closing_line(state, total_steps, last_loss))
     return {"out": cfg.out, "steps": state["step"], "total_steps": total_steps, "loss": last_loss,
             "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
             "stop_reason": state["stop_reason"] or "finished", "interrupted": interrupted,
-            "tokens": state["tokens_seen"], "elapsed_s": state["elapsed_s"],
-            "checkpoint": last_ckpt, "final": final_dir}
+            "tokens": state["tokens_seen"], "elapsed_s": state["elapsed_s"], "checkpoint": last_ckpt, "final": final_dir}
+
+
+def main(argv=None):
+    """`python -m minisft.train ...`: the command line (cli.py) -> train() -> the exit code."""
+    return cli.run(train, argv)
 
 
 if __name__ == "__main__":

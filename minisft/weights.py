@@ -17,8 +17,6 @@ What it teaches:
 import json
 import os
 import re
-import shutil
-import uuid
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +24,7 @@ from safetensors.torch import save_file
 
 from minisft import files as disk  # durable writes (files.py)
 from minisft.files import read_json
+from minisft.lora import adapter_base, load_adapter
 from minisft.model import ModelConfig, SmolLM
 from minisft.tokenizer import Tokenizer
 
@@ -265,7 +264,6 @@ def load_pretrained(name_or_path, dtype=None, device=None):
 
 
 def _load_with_adapter(adapter_dir, dtype, device):
-    from minisft.lora import adapter_base, load_adapter
     base = adapter_base(adapter_dir)
     try:
         base_dir = resolve_model_dir(base)
@@ -326,47 +324,10 @@ def save_pretrained(model, tokenizer, out_dir, chat_template=None, overwrite=Fal
         gen_cfg["eos_token_id"] = tokenizer.im_end_id if has_im_end else tokenizer.eos_id
         gen_cfg["pad_token_id"] = tokenizer.pad_id
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # The temp folder sits beside out_dir (same file system), so the final rename is atomic.
-    tmp = _fresh_name(out_dir, "tmp")
-    os.mkdir(tmp)  # (not mkdtemp: that makes it private to the user, mode 0700)
-    try:
-        _write_json(os.path.join(tmp, "config.json"), hf_cfg)
-        _write_json(os.path.join(tmp, "generation_config.json"), gen_cfg)
+    def write(tmp):
+        disk.write_json(os.path.join(tmp, "config.json"), hf_cfg)
+        disk.write_json(os.path.join(tmp, "generation_config.json"), gen_cfg)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp, chat_template=chat_template)
-        disk.sync_tree(tmp)  # durable before the rename makes it visible (files.py says why)
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
-            old = _fresh_name(out_dir, "old")
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)  # put the previous model back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if os.path.isdir(out_dir):
-                os.rmdir(out_dir)  # empty: a folder cannot be renamed onto it on every OS
-            os.rename(tmp, out_dir)
-        disk.fsync_dir(parent)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise disk.write_error(out_dir, e) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _fresh_name(out_dir, what):
-    """A hidden, unused path beside out_dir: `.name.tmp-1a2b3c4d`."""
-    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.{what}-{uuid.uuid4().hex[:8]}")
-
-
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    return disk.write_dir(out_dir, write)  # atomic and durable (files.py)

@@ -273,7 +273,7 @@ def test_bf16_base_with_loaded_adapter(our_adapter):
 
 
 def test_merge_cli_errors(our_adapter, tmp_path, capsys):
-    from minisft.lora import main
+    from minisft.merge import main
     adapter_dir, _ = our_adapter
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
