@@ -402,21 +402,3 @@ def template_for(tokenizer_or_template):
         return "chatml"
     raise ValueError("chat template is not SmolLM2, SmolLM3 or ChatML; pass the template name "
                      f"explicitly (one of {', '.join(TEMPLATES)})")
-
-
-# The Jinja text of two templates, for tokenizer_config.json only: minisft never executes it, but a
-# fine-tuned model saved without the template it was trained with would be read differently by
-# transformers' apply_chat_template. (SmolLM3's 5.6 kB template is not carried: a SmolLM3 model
-# brings its own.) Tests check these strings against the real template files.
-JINJA = {
-    "smollm2": (
-        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-        "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-        "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "chatml": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-        "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-}

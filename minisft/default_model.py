@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-from minisft.chat_template import JINJA
+from minisft.jinja_templates import JINJA
 from minisft.model import ModelConfig, SmolLM
 from minisft.tokenizer import Tokenizer
 

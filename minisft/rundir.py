@@ -30,6 +30,7 @@ from minisft import chat_template
 from minisft.checkpoint import (list_checkpoints, load_checkpoint, load_weights, read_state, remove_partial,
                                 save_checkpoint, save_weights, truncate_jsonl)
 from minisft.config import TRAJECTORY_KEYS, flag
+from minisft.jinja_templates import JINJA
 from minisft.lora import lora_parameters, save_adapter
 from minisft.weights import save_pretrained
 
@@ -74,8 +75,8 @@ def final_template(tokenizer, template, log):
         same = False
     if same:
         return None
-    if template in chat_template.JINJA:
-        return chat_template.JINJA[template]
+    if template in JINJA:
+        return JINJA[template]
     log(f"warning: final/ keeps the tokenizer's own chat template; it is not the {template!r} format this run trained on")
     return None
 

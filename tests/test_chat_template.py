@@ -426,7 +426,7 @@ def test_template_for(tok, templates_dir):
 
 def test_jinja_strings_are_the_real_templates(templates_dir):
     # final/ of a run gets these strings; they must be the real templates, byte for byte.
-    from minisft.chat_template import JINJA
+    from minisft.jinja_templates import JINJA
     assert JINJA["smollm2"] == (templates_dir / "SmolLM2-135M-Instruct.jinja").read_text(encoding="utf-8")
     assert JINJA["chatml"] == (templates_dir / "SmolLM-135M-Instruct.jinja").read_text(encoding="utf-8")
 

@@ -60,8 +60,8 @@ def main(argv=None):
         records = [{"messages": json.loads(line)["messages"]} for line in f if line.strip()]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.chat_template is None:
-        from minisft import chat_template  # the format minisft.train would guess for this folder
-        tokenizer.chat_template = chat_template.JINJA["chatml"]
+        from minisft.jinja_templates import JINJA  # the format minisft.train would guess for this folder
+        tokenizer.chat_template = JINJA["chatml"]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device)
 
     steps, t0 = [], [0.0]
