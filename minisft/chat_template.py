@@ -1,7 +1,7 @@
 """Chat templates by hand: a conversation -> the exact text the model sees -> token ids + labels.
 
-Lesson 1 reads `render` (what a chat model is really trained on: one long string with role
-markers); lesson 2 reads `tokenize_conversation` and `show_mask` (which tokens carry loss).
+Lesson 1 reads `render` (what a chat model is trained on: one string with role markers); lesson 2
+reads `tokenize_conversation` and `show_mask` (which tokens carry loss).
 
 A chat model never sees "messages". It sees one string such as
 
@@ -18,13 +18,12 @@ three formats it supports as plain Python instead, byte for byte equal to the re
 
 Spans, not strings. The renderer returns a list of `Span(text, kind, index)`; `render` just joins
 the texts. The mask comes from the very same spans, so text and labels can never disagree.
-Kinds:
-    "prompt"   text the model only reads: system block, user/tool turns, the "\\n" after an
-               assistant turn, the generation prompt
-    "header"   "<|im_start|>assistant\\n" opening an assistant turn
-    "think"    SmolLM3's empty "<think>\\n\\n</think>\\n" in no-think mode
-    "content"  what the assistant said
-    "end"      the "<|im_end|>" closing an assistant turn (the model must learn to stop)
+Kinds:  "prompt"   text the model only reads: system block, user/tool turns, the "\\n" after an
+                   assistant turn, the generation prompt
+        "header"   "<|im_start|>assistant\\n" opening an assistant turn
+        "think"    SmolLM3's empty "<think>\\n\\n</think>\\n" in no-think mode
+        "content"  what the assistant said
+        "end"      the "<|im_end|>" closing an assistant turn (the model must learn to stop)
 `index` is the message the span came from (None: text the template adds on its own).
 
 Labels (unshifted, Hugging Face convention): labels[i] = input_ids[i] where the token is a
@@ -32,10 +31,8 @@ training target, -100 elsewhere; the loss shifts. The string is tokenized in one
 token's character offsets say which spans it covers -- token ids are never searched.
 Rules this module chooses (and documents):
   * A token that straddles a span boundary is trained if ANY of its characters is trained.
-    In practice only one case occurs: content that starts with whitespace merges with the "\\n"
-    ending the header (or the think block) into one token, e.g. "\\n\\n". Dropping that token would
-    lose the start of the answer; training it costs one extra newline. (A token with an empty
-    offset range, which byte-level BPE does not produce, stays masked.)
+    The one case that occurs: content starting with whitespace merges with the header's "\\n" into
+    one token ("\\n\\n"); dropping it would lose the answer's start. (An empty offset range stays masked.)
   * We train content + "<|im_end|>", not the "\\n" after it. (Hugging Face's {% generation %}
     masks of SmolLM3 include that "\\n" and the header; at generation time we stop at <|im_end|>,
     so the "\\n" is never produced.) train_headers=True also trains the header and the empty
@@ -47,9 +44,8 @@ Rules this module chooses (and documents):
     smollm2/chatml render a system message anywhere as a normal turn; smollm3 uses only
     messages[0] as the system prompt and drops any later system message, renders tool messages
     as user turns and non-string content (None, a list of parts) as "".
-  * Where the real templates are lenient with broken input, minisft is not: a message without a
-    "role" or "content" key, or with a role other than system/user/assistant/tool, is a
-    ValueError naming the message (Jinja would render "" or skip the message without a word).
+  * Where the real templates are lenient, minisft is not: a message without "role" or "content", or
+    with another role than system/user/assistant/tool, is a ValueError naming it (Jinja says nothing).
 """
 import datetime
 import sys
