@@ -50,7 +50,7 @@ from minisft.train import accumulate_gradients, param_groups, pick_template, to_
 from minisft.weights import load_pretrained
 
 # ---- knobs ---------------------------------------------------------------------------------
-# The default recipe for the tiny default model (the same values as minisft.evaluate.SFT_RECIPE,
+# The default recipe for the tiny default model (the same values as minisft.recipes.SFT_RECIPE,
 # which lesson 7 and the tests use; a test checks they agree).
 KNOBS = dict(
     max_steps=300,          # optimizer steps (~1.6 epochs of 3000 conversations)
