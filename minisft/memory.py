@@ -103,12 +103,10 @@ def state_bytes(model):
             "n_trainable": sum(p.numel() for p in trainable)}
 
 
-def saved_for_backward_bytes(fn, params):
-    """Bytes autograd keeps for backward while fn() builds its graph (each storage once, parameters excluded).
-
-    fn: a function that runs a forward pass (and loss) and returns what it computed; params: the
-    tensors that exist anyway (the model's parameters), left out of the count. The graph is freed
-    without a backward pass."""
+@contextlib.contextmanager
+def counting_saved(params):
+    """Inside the block, every tensor autograd saves for backward is counted once per storage ->
+    {storage: bytes}, filled as the block runs. params: tensors that exist anyway, left out."""
     skip = {p.untyped_storage().data_ptr() for p in params}
     seen = {}
 
@@ -119,6 +117,16 @@ def saved_for_backward_bytes(fn, params):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def saved_for_backward_bytes(fn, params):
+    """Bytes autograd keeps for backward while fn() builds its graph (each storage once, parameters excluded).
+
+    fn: a function that runs a forward pass (and loss) and returns what it computed; params: the
+    tensors that exist anyway (the model's parameters), left out of the count. The graph is freed
+    without a backward pass."""
+    with counting_saved(params) as seen:
         loss = fn()
     del loss  # frees the graph without running backward
     return sum(seen.values())
@@ -132,17 +140,8 @@ def saved_bytes(model, batch, length, bf16, with_loss=True, seed=0):
     """
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with counting_saved(model.parameters()) as seen, autocast:
         hidden = model.hidden_states(ids)
         model_part = sum(seen.values())
         loss = chunked_cross_entropy(hidden, model.lm_head.weight, ids)[0] if with_loss else None
