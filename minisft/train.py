@@ -32,7 +32,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, data, distributed, schedule
+from minisft import chat_template, data, distributed, schedule, trackers
 from minisft.checkpoint import list_checkpoints
 from minisft.cli import main  # noqa: F401  (python -m minisft.train runs it: see the end of this file)
 from minisft.config import TrainConfig, check_config  # noqa: F401
@@ -45,7 +45,8 @@ from minisft.watch import Watch, overfitting, repetition_loop  # noqa: F401
 from minisft.weights import load_pretrained, pick_device
 
 
-def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0):
+def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0,
+                         stats=None):
     """Backward every micro-batch so that the gradients are those of ONE loss:
 
         loss = (sum of the token losses of ALL micro-batches) / n_targets
@@ -59,7 +60,8 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
     model: a SmolLM, or a DistributedDataParallel around distributed.WithLoss; then grad_scale =
     world size undoes DDP's averaging of gradients over processes (we want their sum).
     micro_batches: collated batches already on the model's device. Returns the summed loss of
-    these micro-batches as a float64 0-dim tensor (detached).
+    these micro-batches as a float64 0-dim tensor (detached). stats: a dict that gains the targets'
+    "correct" and "entropy" sums (loss.batch_loss), or None (and always with DDP).
     """
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scale = grad_scale / max(n_targets, 1)  # max(): a batch with no target at all gives 0, not NaN
@@ -69,7 +71,7 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
         sync = model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext()
         with sync:
             with autocast():
-                loss_sum, _ = model(mb) if ddp else batch_loss(model, mb, chunked)
+                loss_sum, _ = model(mb) if ddp else batch_loss(model, mb, chunked, stats)
             (loss_sum * scale).backward()
         total += loss_sum.detach().double().cpu()
     return total
@@ -102,8 +104,9 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     # (SmolLM2-135M, README). AdamW steps the same: every trainable parameter gets a gradient in
     # every backward (the model has no branch a batch can skip), so a zeroed one is never left unused.
     optimizer.zero_grad(set_to_none=False)
+    stats = {}
     loss_sum = accumulate_gradients(runner, [to_device(mb, device) for mb in micro_batches], n_targets,
-                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world)
+                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world, stats=stats)
     loss = distributed.all_reduce_sum([float(loss_sum)], device)[0] / max(n_targets, 1)
 
     # 4. Clip. clip_grad_norm_ returns the norm BEFORE clipping: that is what we log.
@@ -119,8 +122,13 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     state["updating"] = True
     optimizer.step()
 
-    # 6. The numbers, for what watches and records the run.
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens}
+    # 6. The numbers, for what watches and records the run. The accuracy (greedy pick = target) and the
+    # entropy of the predictions, over the target tokens, carry TRL's names (trackers.py).
+    numbers = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens}
+    if stats:  # none with several processes (DDP's wrapper returns the loss only)
+        numbers.update(mean_token_accuracy=float(stats["correct"]) / max(n_targets, 1),
+                       entropy=float(stats["entropy"]) / max(n_targets, 1))
+    return numbers
 
 
 def freeze_text_embeddings(model, trainable_ids):
@@ -315,10 +323,11 @@ def train(cfg):
 
     # ---- where the run stands: everything a checkpoint must carry besides tensors ----------
     state = {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "gaps": [],
-             "train_since_eval": [0.0, 0], "tokens_seen": 0, "elapsed_s": 0.0, "stop_reason": None}
+             "train_since_eval": [0.0, 0], "tokens_seen": 0, "num_tokens": 0, "elapsed_s": 0.0, "stop_reason": None}
     run = RunFolder(cfg.out, main_proc, log)
     if cfg.resume:  # weights, AdamW moments, RNG states and `state` as the last checkpoint left them
-        state, ckpt = run.resume(model, optimizer, cfg, world, keys=list(state))
+        saved, ckpt = run.resume(model, optimizer, cfg, world, keys=list(state))
+        state.update(saved)  # a key newer than the checkpoint keeps its fresh value
     watch = Watch(cfg, model, tokenizer, template, val_examples, prompts, device, autocast, rank, world, log)
 
     def save():
@@ -346,7 +355,8 @@ def train(cfg):
     last_ckpt = (list_checkpoints(run.ckpt_dir) or [None])[-1]
     interrupted = False
     model.train()
-    with run.open(old_files, resume_step=state["step"] if cfg.resume else None), StopRequest() as stop:
+    with run.open(old_files, resume_step=state["step"] if cfg.resume else None), StopRequest() as stop, \
+            trackers.start(cfg, active=main_proc) as tracking:
         if cfg.resume:
             log(f"resumed from {ckpt} (step {state['step']}/{total_steps})")
         try:
@@ -364,8 +374,10 @@ def train(cfg):
                 dt, done, last = time.perf_counter() - t0, step + 1, step + 1 == total_steps
                 state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
                 state["tokens_seen"] += numbers["tokens"]
+                state["num_tokens"] += numbers["input_tokens"]  # TRL's num_tokens: every real token seen so far
                 eta = (time.perf_counter() - t_start) / (done - start_step) * (total_steps - done)
-                rec = {"step": step, "epoch": step // steps_per_epoch, **numbers,
+                rec = {"step": step, "epoch": step // steps_per_epoch, **numbers, "learning_rate": numbers["lr"],
+                       "num_tokens": state["num_tokens"],
                        "tokens_per_sec": numbers["input_tokens"] / dt, "target_tokens_per_sec": numbers["tokens"] / dt,
                        "step_time_s": dt,
                        "elapsed_s": state["elapsed_s"], "eta_s": eta, "peak_mem_mb": peak_memory_mb(device)}
@@ -378,7 +390,8 @@ def train(cfg):
                     run.save_best(model)
                 run.append("samples.jsonl", seen.pop("samples", []))
                 rec.update(seen)
-                run.append("metrics.jsonl", [rec])
+                run.append("metrics.jsonl", [rec])  # the source of truth; trackers get a copy
+                tracking.log(rec)
                 state["step"] = done
                 state.pop("updating", None)  # the weights and `state` agree again
                 if (cfg.save_every and done % cfg.save_every == 0) or last or state["stop_reason"]:
