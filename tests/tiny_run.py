@@ -32,3 +32,15 @@ def tiny_run(out, **overrides):
     from minisft.train import train
 
     return train(tiny_config(out, **overrides))
+
+
+_RUNS = {}
+
+
+def shared_run(tmp_path_factory, name="full", **overrides):
+    """One tiny run per name and pytest session, shared by the test modules that only read it."""
+    if name not in _RUNS:
+        out = tmp_path_factory.mktemp(f"tiny-{name}") / "run"
+        tiny_run(out, **overrides)
+        _RUNS[name] = str(out)
+    return _RUNS[name]
