@@ -8,7 +8,8 @@ Lesson 6 writes one. What a run writes into --out DIR:
     checkpoints/step_000200/   model.safetensors, optimizer.pt, rng.pt, state.json (the last
                                --keep-checkpoints); step_N holds the state after N optimizer steps
     checkpoints/best.safetensors   the weights of the best evaluation (only with --patience)
-    final/                     the fine-tuned model (config.json, model.safetensors, tokenizer)
+    final/                     the fine-tuned model (config.json, model.safetensors, tokenizer) and
+                               its model card, README.md (model_card.py)
     .lock                      held while a run writes here (released by the OS when it exits)
 
 The rules that make a run safe to stop at any moment, and to resume:
@@ -199,6 +200,11 @@ class RunFolder:
         else:
             save_pretrained(model, tokenizer, final_dir, chat_template=chat, overwrite=True)
         self.log(f"saved {final_dir}")
+        try:  # final/README.md, the model card (model_card.py); a card problem must not cost the run
+            from minisft.model_card import write_card
+            write_card(self.out)
+        except (OSError, ValueError, KeyError) as e:
+            self.log(f"warning: no model card in {final_dir} ({e})")
         return final_dir
 
     def refresh_plots(self):
