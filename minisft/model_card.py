@@ -73,7 +73,7 @@ def _named(spec, what):
     """A Hub id as it is; a local path by its last part only (a card does not show the trainer's disk)."""
     if hub_id(spec):
         return f"`{spec}`"
-    return f"`{os.path.basename(os.path.normpath(str(spec)))}` (a local {what})"
+    return f"`{os.path.basename(os.path.normpath(str(spec)))}` (local {what})"
 
 
 def card(cfg, rows, adapter, name):
@@ -82,7 +82,7 @@ def card(cfg, rows, adapter, name):
     base = cfg.get("model")
     lines.append(f"Supervised fine-tuning of {_named(base, 'model folder')} with minisft, on "
                  f"{_named(cfg.get('data'), 'file')}" +
-                 (f" (validation: {_named(cfg['val_data'], 'file')})." if cfg.get("val_data") else "."))
+                 (f"; validation: {_named(cfg['val_data'], 'file')}." if cfg.get("val_data") else "."))
     if adapter:
         lines += ["", f"This folder is a LoRA adapter (rank {cfg.get('lora_r')}): load it with peft on top of the "
                       f"base model, or merge it with `python -m minisft.lora merge`."]

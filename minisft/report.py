@@ -54,8 +54,10 @@ def read_jsonl(path):
 
 
 def fmt(x):
-    """How the page prints a number: 4 decimals for a float, as is for an int (tests parse it back)."""
-    return f"{x:.4f}" if isinstance(x, float) else str(x)
+    """How the page prints a number: 4 decimals for a float (4 digits below 0.01), an int as is."""
+    if isinstance(x, float):  # a learning rate of 1.5e-4 would print as 0.0001 with 4 decimals
+        return f"{x:.4g}" if 0 < abs(x) < 0.01 else f"{x:.4f}"
+    return str(x)
 
 
 def summary(rows):

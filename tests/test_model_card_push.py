@@ -31,7 +31,7 @@ def test_a_finished_run_has_a_model_card(tmp_path_factory):
     assert f"| final train loss | {rows[-1]['loss']:.4f} |" in text
     assert f"| final validation loss | {evals[-1]['val_loss']:.4f} (step {evals[-1]['step']}) |" in text
     assert f"| optimizer steps | {len(rows)} |" in text and "| lr | `0.001` |" in text
-    assert "`base-model` (a local model folder)" in text and "/work" not in text and str(ROOT) not in text
+    assert "`base-model` (local model folder)" in text and "/work" not in text and str(ROOT) not in text
 
 
 def test_an_adapter_card_says_peft(tmp_path_factory):

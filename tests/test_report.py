@@ -48,7 +48,8 @@ def test_summary_numbers_are_the_runs(page):
     assert values["best_val_loss"] == f"{best['val_loss']:.4f}" and values["best_step"] == str(best["step"])
     assert values["last_val_loss"] == f"{evals[-1]['val_loss']:.4f}"
     for key in ("mean_token_accuracy", "entropy", "learning_rate", "grad_norm"):
-        assert values[key] == f"{rows[-1][key]:.4f}", key
+        assert values[key] == report.fmt(rows[-1][key]), key
+    assert report.fmt(0.00015) == "0.00015" and report.fmt(2.0) == "2.0000" and report.fmt(7) == "7"
     assert values["num_tokens"] == str(rows[-1]["num_tokens"])
 
 
