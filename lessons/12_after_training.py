@@ -91,4 +91,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, KeyError) as e:  # a bad --model or --tuned: one line, not a traceback
+        sys.exit(f"error: {' '.join(str(e).split())}")

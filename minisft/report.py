@@ -217,21 +217,21 @@ def page(name, rows, samples, views, base_name, tuned_name):
 
 def validation_views(run, n):
     """The per-token views of the first n validation conversations of `run` -> (views, base, tuned)."""
-    from minisft.chat import load
+    from minisft.chat import label_of, load
     from minisft.data import load_conversations
     from minisft.rundir import saved_config
     from minisft.weights import load_pretrained
 
     cfg = saved_config(run)
     if not cfg.get("val_data") or n == 0:
-        return [], cfg["model"], run
+        return [], label_of(cfg["model"]), label_of(run)
     convs = load_conversations(cfg["val_data"], cfg.get("skip_bad", False), cfg.get("data_subset"),
                                cfg.get("val_split"))[0][:n]
     tuned, tokenizer, what = load(run, device="cpu")
     base, _ = load_pretrained(cfg["model"], device="cpu")
     template = cfg.get("template") or chat_template.template_for(tokenizer)
     views = conversation_views(tokenizer, base, tuned, convs, template, cfg.get("train_on", "assistant"))
-    return views, cfg["model"], what
+    return views, label_of(cfg["model"]), label_of(what)
 
 
 def write_report(run, n_conversations=3, out=None):

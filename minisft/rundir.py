@@ -5,6 +5,7 @@ Lesson 6 writes one. What a run writes into --out DIR:
     metrics.jsonl              one JSON object per optimizer step (val_loss on evaluation steps)
     samples.jsonl              generations for fixed held-out prompts every --sample-every steps
     loss.png, metrics.png      plots (plot.py), refreshed during training
+    report.html, tensorboard/  python -m minisft.report RUN; --report-to tensorboard (trackers.py)
     checkpoints/step_000200/   model.safetensors, optimizer.pt, rng.pt, state.json (the last
                                --keep-checkpoints); step_N holds the state after N optimizer steps
     checkpoints/best.safetensors   the weights of the best evaluation (only with --patience)
@@ -35,7 +36,8 @@ from minisft.lora import lora_parameters, save_adapter
 from minisft.weights import save_pretrained
 
 # Files a run writes into --out (what --overwrite deletes; nothing else is touched).
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "loss.png", "metrics.png", "checkpoints", "final")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "loss.png", "metrics.png", "checkpoints", "final",
+             "report.html", "tensorboard")  # the last two: report.py and --report-to tensorboard
 # Metrics that measure the machine, not the training: they differ between two identical runs.
 TIMING_KEYS = ("tokens_per_sec", "target_tokens_per_sec", "step_time_s", "elapsed_s", "eta_s", "peak_mem_mb")
 
