@@ -76,6 +76,9 @@ def load(spec, device=None, dtype=None):
     from minisft.weights import load_pretrained
 
     path = os.path.expanduser(spec)
+    first = path.split("/")[0]
+    if not os.path.exists(path) and (path.startswith((".", "/")) or (first and os.path.isdir(first))):
+        raise FileNotFoundError(f"{spec}: no such folder")  # a path under a local folder, not a Hub id
     if os.path.isdir(path) and _is_run_folder(path):
         final = os.path.join(path, "final")
         if not os.path.isdir(final):

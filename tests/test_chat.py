@@ -112,6 +112,7 @@ def test_run_without_final_uses_its_checkpoint_and_adapter_folders_load(run, tmp
 
 
 @pytest.mark.parametrize("spec, message", [("no/such/folder/x", "no such model folder"),
+                                           ("data/no-such-model", "data/no-such-model: no such folder"),
                                            (DEFAULT_MODEL + "/config.json", "expected a model folder"),
                                            ("empty-run", "no final/ and no checkpoint")])
 def test_bad_model_is_one_line_error(spec, message, tmp_path):
