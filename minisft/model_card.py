@@ -96,20 +96,27 @@ def card(cfg, rows, adapter, name):
     return "\n".join(lines)
 
 
-def write_card(run):
-    """Write RUN/final/README.md from the run's last checkpoint settings and metrics.jsonl -> its path."""
+def card_text(run, adapter):
+    """The card of run folder `run` (adapter: final/ is a LoRA adapter), from the settings of its last
+    checkpoint and its metrics.jsonl. rundir.save_final writes it into final/ with the weights."""
     from minisft.plot import read_metrics
     from minisft.rundir import saved_config
+
+    return card(saved_config(run), read_metrics(run), adapter, os.path.basename(os.path.abspath(run)))
+
+
+def write_card(run):
+    """Write RUN/final/README.md (replacing one) -> its path. For a run older than the cards."""
+    from minisft.files import replace_file
 
     final = os.path.join(run, "final")
     if not os.path.isdir(final):
         raise FileNotFoundError(f"{final}: no such folder (the run has not finished)")
-    cfg, rows = saved_config(run), read_metrics(run)
-    adapter = os.path.isfile(os.path.join(final, "adapter_config.json"))
+    text = card_text(run, os.path.isfile(os.path.join(final, "adapter_config.json")))
     path = os.path.join(final, "README.md")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(card(cfg, rows, adapter, os.path.basename(os.path.abspath(run))))
-    os.replace(path + ".tmp", path)
+        f.write(text)
+    replace_file(path + ".tmp", path)
     return path
 
 

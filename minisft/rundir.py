@@ -196,17 +196,19 @@ class RunFolder:
         names `base_model` (a local folder is written as an absolute path, so it loads from anywhere)."""
         final_dir = os.path.join(self.out, "final")
         chat = final_template(tokenizer, template, self.log)
-        if lora_parameters(model):
-            base = os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
-            save_adapter(model, tokenizer, final_dir, base, chat_template=chat, overwrite=True)
-        else:
-            save_pretrained(model, tokenizer, final_dir, chat_template=chat, overwrite=True)
-        self.log(f"saved {final_dir}")
+        adapter = bool(lora_parameters(model))
         try:  # final/README.md, the model card (model_card.py); a card problem must not cost the run
-            from minisft.model_card import write_card
-            write_card(self.out)
+            from minisft.model_card import card_text
+            extra = {"README.md": card_text(self.out, adapter)}
         except (OSError, ValueError, KeyError) as e:
+            extra = None
             self.log(f"warning: no model card in {final_dir} ({e})")
+        if adapter:
+            base = os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
+            save_adapter(model, tokenizer, final_dir, base, chat_template=chat, overwrite=True, extra_files=extra)
+        else:
+            save_pretrained(model, tokenizer, final_dir, chat_template=chat, overwrite=True, extra_files=extra)
+        self.log(f"saved {final_dir}")
         return final_dir
 
     def refresh_plots(self):
