@@ -184,7 +184,8 @@ class Session:
         return True
 
     def turn(self, question):
-        """Answer one user message with every bot; a Ctrl-C drops the whole turn from the history."""
+        """Answer one user message with every bot; a Ctrl-C drops the whole turn from the history.
+        Returns False when the turn was stopped (Ctrl-C) or failed."""
         for b in self.bots:
             b.turns.append({"role": "user", "content": question})
         try:
@@ -208,6 +209,7 @@ class Session:
                 b.turns.pop()
             else:
                 b.turns.append({"role": "assistant", "content": a})
+        return answers is not None
 
     def _stream(self, text):
         self.out.write(text)
@@ -296,8 +298,7 @@ def main(argv=None):
         return 130
     session = Session(bots, sampling, system=args.system, think=args.think)
     if args.prompt is not None:
-        session.turn(args.prompt)
-        return 0
+        return 0 if session.turn(args.prompt) else 1
     interactive = sys.stdin.isatty()
     names = " and ".join(f"{b.label} ({b.template})" for b in bots)
     print(f"chatting with {names}. /help lists the commands; Ctrl-D exits.", file=sys.stderr, flush=True)

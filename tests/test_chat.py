@@ -196,3 +196,21 @@ def test_streaming_waits_for_whole_characters(base):
 def test_columns_wrap_each_side():
     lines = C.columns("a " * 30, "b", 43)
     assert all(len(line) <= 43 for line in lines) and lines[0].endswith("| b") and len(lines) > 1
+
+
+def test_smollm3_template_switches_enable_thinking(base):
+    """With SmolLM3's format /no_think is the template's switch (an empty think block), not system-prompt text."""
+    import datetime
+
+    from minisft.chat_template import render
+    from minisft.generate import generate
+
+    model, tok = base
+    proc = run_chat(DEFAULT_MODEL, "--template", "smollm3", "--no-think", "-p", "What is 2 + 3?")
+    assert proc.returncode == 0, proc.stderr
+    text = render([{"role": "user", "content": "What is 2 + 3?"}], "smollm3", add_generation_prompt=True,
+                  enable_thinking=False, today=datetime.date.today())
+    assert "<think>\n\n</think>" in text and "Reasoning Mode: /no_think" in text
+    want = tok.decode(generate(model, tok.encode(text), max_new_tokens=N, stop_ids=tok.stop_ids()),
+                      skip_special_tokens=True)
+    assert proc.stdout == want + "\n"
