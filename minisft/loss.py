@@ -169,7 +169,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             m = x.max(dim=-1, keepdim=True).values
             total = x.sub_(m).exp_().sum(dim=-1, keepdim=True)  # x now holds exp(x - m)
             loss += (total.log() + m - target_logit[:, None]).sum()
-            if stats is not None:  # x holds exp(x - m), the max is at hand: both cost one pass, no [c, V] copy
+            if stats is not None:  # the max and exp(x - m) are at hand: accuracy is a [c] compare, entropy one
+                # more elementwise pass over the chunk (no second matmul, no [c, V] copy)
                 _add(stats, "correct", (target_logit >= m[:, 0]).sum())  # the target is the top logit
                 _add(stats, "entropy", _entropy_rows(x, total).sum())
             if not (need_h or need_w):
