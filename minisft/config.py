@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minisft import chat_template
+from minisft import chat_template, trackers
 from minisft.default_model import DEFAULT_MODEL
 
 
@@ -67,6 +67,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     plot_every: int = 50  # steps between plot refreshes; 0 = at the end only
     log_every: int = 1  # steps between progress lines
+    report_to: str = "none"  # trackers getting a copy of metrics.jsonl: none | trackio,wandb,tensorboard (trackers.py)
     # -- LoRA (lesson 9): train small low-rank adapters instead of every weight
     lora_r: int = 0  # adapter rank; 0 = full fine-tuning
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_r
@@ -177,6 +178,7 @@ def check_config(cfg):
         raise bad("device", "a device this machine has (torch sees no CUDA GPU)")
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise bad("device", "a device this machine has (MPS is not available)")
+    trackers.parse(cfg.report_to)  # an unknown name or a missing package: ValueError before anything loads
     for name in ("data", "val_data", "sample_data"):
         path = getattr(cfg, name)
         if path and not os.path.exists(path) and (name == "sample_data" or not looks_like_hub_id(path)):

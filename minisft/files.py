@@ -118,6 +118,13 @@ def replace_file(tmp, final):
     fsync_dir(os.path.dirname(os.path.abspath(final)))
 
 
+def write_texts(folder, texts):
+    """Write {name: text} as UTF-8 files into `folder` (None: nothing); the caller makes them durable."""
+    for name, text in (texts or {}).items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 def read_json(path):
     """Parse a JSON file; a syntax error becomes a one-line ValueError naming the file and the line."""
     try:

@@ -64,13 +64,15 @@ def _check_args(config, rows, max_new_tokens, temperature, top_k, top_p):
 
 
 def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, top_p=None,
-             stop_ids=(), seed=None, use_cache=True):
+             stop_ids=(), seed=None, use_cache=True, on_token=None):
     """Continue one prompt (list[int]) or a batch (list[list[int]]); return the new tokens only.
 
     temperature 0 = greedy (top_k/top_p unused); > 0 samples from softmax(logits / temperature),
     restricted to the top_k tokens and/or the top_p nucleus. seed makes sampling repeatable.
     A row stops after a token in stop_ids (that token is included) or after max_new_tokens.
     All rows stop when the longest one fills the model's context (max_position_embeddings).
+    on_token(row, token_id), if given, is called as each new token is chosen (chat.py streams with it);
+    an exception it raises (or a Ctrl-C) ends generation there, and propagates.
     """
     if isinstance(prompt_ids, str):
         raise ValueError("generate: prompt_ids must be token ids, not text (encode it with the tokenizer first)")
@@ -90,13 +92,14 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=None, 
     model.eval()
     try:
         with torch.inference_mode():
-            out = _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop, generator, use_cache)
+            out = _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop, generator, use_cache,
+                          on_token)
     finally:
         model.train(was_training)
     return out[0] if single else out
 
 
-def _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop, generator, use_cache):
+def _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop, generator, use_cache, on_token=None):
     device = next(model.parameters()).device
     B, L = len(rows), max(len(r) for r in rows)
     ids = torch.zeros(B, L, dtype=torch.long, device=device)  # pad id 0: masked out, never seen
@@ -130,6 +133,8 @@ def _decode(model, rows, max_new_tokens, temperature, top_k, top_p, stop, genera
             if not done[i]:
                 new[i].append(t)
                 done[i] = t in stop
+                if on_token is not None:
+                    on_token(i, t)
         if all(done):
             break
         # Finished rows keep being fed tokens (simpler than shrinking the batch); they are ignored.

@@ -29,7 +29,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minisft.files import read_json, write_dir, write_json
+from minisft.files import read_json, write_dir, write_json, write_texts
 
 ALL_LINEAR = "all-linear"
 
@@ -179,12 +179,14 @@ PLAIN = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias"
          "arrow_config": None, "velora_config": None, "monteclora_config": None, "kasa_config": None}
 
 
-def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_template=None, overwrite=False):
+def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_template=None, overwrite=False,
+                 extra_files=None):
     """Write a peft adapter folder: adapter_config.json, adapter_model.safetensors (keys like
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight [r, in]) and the tokenizer files.
 
     Durable: written into a temp folder, every file and the folder fsynced, renamed into place.
-    An existing adapter folder is replaced only with overwrite=True. Returns out_dir.
+    An existing adapter folder is replaced only with overwrite=True. extra_files: {name: text} written
+    with the rest (the model card, README.md). Returns out_dir.
     """
     mods = _lora_modules(model)
     if not mods:
@@ -211,6 +213,7 @@ def save_adapter(model, tokenizer, out_dir, base_model_name_or_path, chat_templa
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp, chat_template=chat_template)
+        write_texts(tmp, extra_files)
     return write_dir(out_dir, write)  # atomic and durable, as save_pretrained's model folders (files.py)
 
 

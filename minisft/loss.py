@@ -93,7 +93,7 @@ def masked_cross_entropy(logits, labels):
     return _nll_sum(x, targets), targets.numel()
 
 
-def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
+def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024, stats=None):
     """The same loss as masked_cross_entropy(hidden @ weight.T, labels), computed chunk by chunk.
 
     hidden [B, T, D] final hidden states (model.hidden_states), weight [V, D] (model.lm_head.weight),
@@ -104,6 +104,10 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
     remaining rows are projected `chunk_size` at a time, so at most [chunk_size, V] float32 logits
     exist at once: each chunk's logits become the gradients of h and weight right away, and only
     those [N, D] and [V, D] gradients wait for backward (_LinearCrossEntropy says how).
+
+    stats: None, or a dict that gains (adds to) "correct" and "entropy" (0-dim tensors): the number of
+    targets the model ranks first and the summed entropy of its predictions, read off each chunk's
+    logits while they exist (the trainer logs them as TRL's mean_token_accuracy and entropy).
     """
     _check(hidden, labels, "hidden")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -115,7 +119,7 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024):
     # Inside a Function's forward grad mode is always off and needs_input_grad ignores no_grad(), so
     # whether a backward can come (evaluation: no) is decided here, out of forward.
     grads = torch.is_grad_enabled()
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk_size, grads), targets.numel()
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_size, grads, stats), targets.numel()
 
 
 def _mm_dtype(t):
@@ -149,7 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size, grads):
+    def forward(ctx, h, weight, targets, chunk_size, grads, stats=None):
         need_h, need_w = (grads and need for need in ctx.needs_input_grad[:2])
         dtype = _mm_dtype(h)
         hc, wc = h.to(dtype), weight.to(dtype)
@@ -165,6 +169,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             m = x.max(dim=-1, keepdim=True).values
             total = x.sub_(m).exp_().sum(dim=-1, keepdim=True)  # x now holds exp(x - m)
             loss += (total.log() + m - target_logit[:, None]).sum()
+            if stats is not None:  # the max and exp(x - m) are at hand: accuracy is a [c] compare, entropy one
+                # more elementwise pass over the chunk (no second matmul, no [c, V] copy)
+                _add(stats, "correct", (target_logit >= m[:, 0]).sum())  # the target is the top logit
+                _add(stats, "entropy", _entropy_rows(x, total).sum())
             if not (need_h or need_w):
                 continue
             d = x.div_(total)  # softmax
@@ -188,7 +196,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Scaled in place: the graph is freed after this backward (a second one through it would be
         # refused by autograd's check of the saved tensors' versions, not given wrong numbers).
         return (None if dh is None else dh.mul_(grad.to(dh.dtype)),
-                None if dw is None else dw.mul_(grad.to(dw.dtype)), None, None, None)
+                None if dw is None else dw.mul_(grad.to(dw.dtype)), None, None, None, None)
+
+
+def _add(stats, key, value):
+    """stats[key] += value, where the value stays a tensor on its device (no sync per chunk)."""
+    value = value.detach().double()
+    stats[key] = stats[key] + value if key in stats else value
+
+
+def _entropy_rows(e, total, rows=64):
+    """e [c, V] = exp(logits - row max), total [c, 1] its row sums -> entropy of each row's softmax [c].
+
+    With p = e / total: H = -sum p log p = log(total) - sum(e log e) / total. The sum runs `rows` rows
+    at a time, so the e log e temporary is [rows, V], not another [c, V]."""
+    s = torch.cat([torch.xlogy(e[i:i + rows], e[i:i + rows]).sum(-1) for i in range(0, e.shape[0], rows)])
+    return total[:, 0].log() - s / total[:, 0]
 
 
 @torch.no_grad()
@@ -241,13 +264,19 @@ def chunked_token_stats(hidden, weight, labels, chunk_size=1024):
     return n_correct, entropy_sum, targets.numel()
 
 
-def batch_loss(model, batch, chunked=True):
+def batch_loss(model, batch, chunked=True, stats=None):
     """The loss of one collated micro-batch, as the trainer and the evaluation compute it.
 
     batch: input_ids, labels, position_ids [B, T] and attention_mask [B, T] or None (data.to_device).
     Returns (loss_sum: 0-dim tensor, n_targets: int): summed token losses, not a mean.
-    chunked=True scores the hidden states chunk by chunk (the full logits never exist)."""
+    chunked=True scores the hidden states chunk by chunk (the full logits never exist).
+    stats: None, or a dict gaining "correct" and "entropy" sums over the targets (chunked_cross_entropy)."""
     args = (batch["input_ids"], batch["position_ids"], batch["attention_mask"])
     if chunked:
-        return chunked_cross_entropy(model.hidden_states(*args), model.lm_head.weight, batch["labels"])
-    return masked_cross_entropy(model(*args), batch["labels"])
+        return chunked_cross_entropy(model.hidden_states(*args), model.lm_head.weight, batch["labels"], stats=stats)
+    logits = model(*args)
+    if stats is not None:
+        n_correct, entropy_sum = _stats(*_select_targets(logits.detach(), batch["labels"]))
+        _add(stats, "correct", torch.tensor(n_correct))
+        _add(stats, "entropy", torch.tensor(entropy_sum))
+    return masked_cross_entropy(logits, batch["labels"])

@@ -5,10 +5,12 @@ Lesson 6 writes one. What a run writes into --out DIR:
     metrics.jsonl              one JSON object per optimizer step (val_loss on evaluation steps)
     samples.jsonl              generations for fixed held-out prompts every --sample-every steps
     loss.png, metrics.png      plots (plot.py), refreshed during training
+    report.html, tensorboard/  python -m minisft.report RUN; --report-to tensorboard (trackers.py)
     checkpoints/step_000200/   model.safetensors, optimizer.pt, rng.pt, state.json (the last
                                --keep-checkpoints); step_N holds the state after N optimizer steps
     checkpoints/best.safetensors   the weights of the best evaluation (only with --patience)
-    final/                     the fine-tuned model (config.json, model.safetensors, tokenizer)
+    final/                     the fine-tuned model (config.json, model.safetensors, tokenizer) and
+                               its model card, README.md (model_card.py)
     .lock                      held while a run writes here (released by the OS when it exits)
 
 The rules that make a run safe to stop at any moment, and to resume:
@@ -35,7 +37,8 @@ from minisft.lora import lora_parameters, save_adapter
 from minisft.weights import save_pretrained
 
 # Files a run writes into --out (what --overwrite deletes; nothing else is touched).
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "loss.png", "metrics.png", "checkpoints", "final")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "loss.png", "metrics.png", "checkpoints", "final",
+             "report.html", "tensorboard")  # the last two: report.py and --report-to tensorboard
 # Metrics that measure the machine, not the training: they differ between two identical runs.
 TIMING_KEYS = ("tokens_per_sec", "target_tokens_per_sec", "step_time_s", "elapsed_s", "eta_s", "peak_mem_mb")
 
@@ -159,7 +162,7 @@ class RunFolder:
         if saved["world_size"] != world:
             raise ValueError(f"--resume: the run used {saved['world_size']} processes, now {world} "
                              f"(the global batch would change)")
-        return {k: saved[k] for k in keys}, ckpt
+        return {k: saved[k] for k in keys if k in saved}, ckpt  # a key newer than the checkpoint: absent
 
     def __enter__(self):
         return self
@@ -194,11 +197,18 @@ class RunFolder:
         names `base_model` (a local folder is written as an absolute path, so it loads from anywhere)."""
         final_dir = os.path.join(self.out, "final")
         chat = final_template(tokenizer, template, self.log)
-        if lora_parameters(model):
+        adapter = bool(lora_parameters(model))
+        try:  # final/README.md, the model card (model_card.py); a card problem must not cost the run
+            from minisft.model_card import card_text
+            extra = {"README.md": card_text(self.out, adapter)}
+        except (OSError, ValueError, KeyError) as e:
+            extra = None
+            self.log(f"warning: no model card in {final_dir} ({e})")
+        if adapter:
             base = os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
-            save_adapter(model, tokenizer, final_dir, base, chat_template=chat, overwrite=True)
+            save_adapter(model, tokenizer, final_dir, base, chat_template=chat, overwrite=True, extra_files=extra)
         else:
-            save_pretrained(model, tokenizer, final_dir, chat_template=chat, overwrite=True)
+            save_pretrained(model, tokenizer, final_dir, chat_template=chat, overwrite=True, extra_files=extra)
         self.log(f"saved {final_dir}")
         return final_dir
 

@@ -36,7 +36,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, cli, console, conversations, data, distributed, fast, schedule
+from minisft import chat_template, cli, console, conversations, data, distributed, fast, schedule, trackers
 from minisft.checkpoint import list_checkpoints
 from minisft.config import TrainConfig, check_config  # noqa: F401
 from minisft.data import to_device  # noqa: F401  (part of this module's API since lesson 4)
@@ -48,7 +48,8 @@ from minisft.rundir import peak_memory_mb, saved_config  # noqa: F401
 from minisft.watch import Watch, overfitting, repetition_loop  # noqa: F401
 from minisft.weights import load_pretrained, pick_device
 
-def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0):
+def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0,
+                         stats=None):
     """Backward every micro-batch so that the gradients are those of ONE loss:
 
         loss = (sum of the token losses of ALL micro-batches) / n_targets
@@ -62,7 +63,8 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
     model: a SmolLM, or a DistributedDataParallel around distributed.WithLoss; then grad_scale =
     world size undoes DDP's averaging of gradients over processes (we want their sum).
     micro_batches: collated batches already on the model's device. Returns the summed loss of
-    these micro-batches as a float64 0-dim tensor (detached).
+    these micro-batches as a float64 0-dim tensor (detached). stats: a dict that gains the targets'
+    "correct" and "entropy" sums (loss.batch_loss), or None (and always with DDP).
     """
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scale = grad_scale / max(n_targets, 1)  # max(): a batch with no target at all gives 0, not NaN
@@ -72,7 +74,7 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
         sync = model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext()
         with sync:
             with autocast():
-                loss_sum, _ = model(mb) if ddp else batch_loss(model, mb, chunked)
+                loss_sum, _ = model(mb) if ddp else batch_loss(model, mb, chunked, stats)
             (loss_sum * scale).backward()
         total += loss_sum.detach().double().cpu()
     return total
@@ -103,8 +105,9 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     # mid-backward into a heap the activations have fragmented (docs/heap.md: the peak memory it saves).
     # Every trainable parameter gets a gradient in every backward, so AdamW steps the same.
     optimizer.zero_grad(set_to_none=False)
+    stats = {}
     loss_sum = accumulate_gradients(runner, [to_device(mb, device) for mb in micro_batches], n_targets,
-                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world)
+                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world, stats=stats)
     loss = distributed.all_reduce_sum([float(loss_sum)], device)[0] / max(n_targets, 1)
 
     # 4. Clip. clip_grad_norm_ returns the norm BEFORE clipping: that is what we log.
@@ -120,8 +123,13 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     state["updating"] = True
     optimizer.step()
 
-    # 6. The numbers, for what watches and records the run.
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens}
+    # 6. The numbers, for what watches and records the run. The accuracy (greedy pick = target) and the
+    # entropy of the predictions, over the target tokens, carry TRL's names (trackers.py).
+    numbers = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens}
+    if stats:  # none with several processes (DDP's wrapper returns the loss only)
+        numbers.update(mean_token_accuracy=float(stats["correct"]) / max(n_targets, 1),
+                       entropy=float(stats["entropy"]) / max(n_targets, 1))
+    return numbers
 
 
 def cuda_bf16(device):
@@ -238,13 +246,15 @@ def plan_schedule(cfg, steps_per_epoch):
 def new_state():
     """Where the run stands: everything a checkpoint must carry besides tensors."""
     return {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "gaps": [],
-            "train_since_eval": [0.0, 0], "tokens_seen": 0, "elapsed_s": 0.0, "stop_reason": None}
+            "train_since_eval": [0.0, 0], "tokens_seen": 0, "num_tokens": 0, "elapsed_s": 0.0, "stop_reason": None}
 
 
 def record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg, device, watch, run, model, log):
     """After optimizer step `step`: the progress line, evaluation and samples (watch.py), the best
-    weights, the metrics line (rundir.py). `state` already counts the step's tokens and time."""
-    rec = {"step": step, "epoch": step // steps_per_epoch, **numbers,
+    weights, the metrics line (rundir.py) -> that line. `state` already counts the step's tokens and time.
+    learning_rate and num_tokens (every real token so far) repeat lr and tokens under TRL's names."""
+    rec = {"step": step, "epoch": step // steps_per_epoch, **numbers, "learning_rate": numbers["lr"],
+           "num_tokens": state["num_tokens"],
            "tokens_per_sec": numbers["input_tokens"] / dt, "target_tokens_per_sec": numbers["tokens"] / dt,
            "step_time_s": dt, "elapsed_s": state["elapsed_s"], "eta_s": eta, "peak_mem_mb": peak_memory_mb(device)}
     last = step + 1 == total_steps
@@ -256,6 +266,7 @@ def record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg
     run.append("samples.jsonl", seen.pop("samples", []))
     rec.update(seen)
     run.append("metrics.jsonl", [rec])
+    return rec
 
 
 def stop_requested(stop, done, cfg, world, device):
@@ -321,7 +332,8 @@ def train(cfg):
     state = new_state()
     run = RunFolder(cfg.out, main_proc, log)
     if cfg.resume:  # weights, AdamW moments, RNG states and `state` as the last checkpoint left them
-        state, ckpt = run.resume(model, optimizer, cfg, world, keys=list(state))
+        saved, ckpt = run.resume(model, optimizer, cfg, world, keys=list(state))
+        state.update(saved)  # a key newer than the checkpoint keeps its fresh value
     watch = Watch(cfg, model, tokenizer, template, val_examples, prompts, device, autocast, rank, world, log)
 
     def save():
@@ -341,7 +353,8 @@ def train(cfg):
     last_ckpt = (list_checkpoints(run.ckpt_dir) or [None])[-1]
     interrupted = False
     model.train()
-    with run.open(old_files, resume_step=state["step"] if cfg.resume else None), StopRequest() as stop:
+    with run.open(old_files, resume_step=state["step"] if cfg.resume else None), StopRequest() as stop, \
+            trackers.start(cfg, active=main_proc) as tracking:
         if cfg.resume:
             log(f"resumed from {ckpt} (step {state['step']}/{total_steps})")
         try:
@@ -359,9 +372,10 @@ def train(cfg):
                 dt, done = time.perf_counter() - t0, step + 1
                 state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
                 state["tokens_seen"] += numbers["tokens"]
+                state["num_tokens"] += numbers["input_tokens"]  # TRL's num_tokens: every real token seen so far
                 eta = (time.perf_counter() - t_start) / (done - start_step) * (total_steps - done)
-                record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg, device, watch, run,
-                            model, log)
+                tracking.log(record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg, device, watch,
+                                         run, model, log))  # metrics.jsonl is the source of truth; trackers get a copy
                 state["step"] = done
                 state.pop("updating", None)  # the weights and `state` agree again
                 if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps or state["stop_reason"]:

@@ -288,13 +288,14 @@ def _looks_like_model_dir(path):
     return "config.json" in names and has_weights and no_subdirs
 
 
-def save_pretrained(model, tokenizer, out_dir, chat_template=None, overwrite=False):
+def save_pretrained(model, tokenizer, out_dir, chat_template=None, overwrite=False, extra_files=None):
     """Write `out_dir` in the Hugging Face layout that transformers and load_pretrained read.
 
     Files: config.json, model.safetensors, generation_config.json and, with a tokenizer,
     tokenizer.json + tokenizer_config.json (with `chat_template`, or the tokenizer's own).
     An existing non-empty out_dir is replaced only if it is a model folder and overwrite=True;
-    otherwise FileExistsError. Returns out_dir.
+    otherwise FileExistsError. extra_files: {name: text} written with the rest (the model card,
+    README.md). Returns out_dir.
     """
     out_dir = os.path.abspath(os.path.expanduser(str(out_dir)))
     if os.path.exists(out_dir):
@@ -330,4 +331,5 @@ def save_pretrained(model, tokenizer, out_dir, chat_template=None, overwrite=Fal
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp, chat_template=chat_template)
+        disk.write_texts(tmp, extra_files)
     return disk.write_dir(out_dir, write)  # atomic and durable (files.py)
