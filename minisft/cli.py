@@ -33,7 +33,7 @@ HELP = {
     "sample_tokens": "max new tokens per sample", "save_every": "steps between checkpoints",
     "keep_checkpoints": "checkpoints to keep", "plot_every": "steps between plot refreshes",
     "log_every": "steps between progress lines", "device": "cuda | mps | cpu (default: best available)",
-    "dtype": "auto | float32 | bfloat16 (autocast)", "chunked_loss": "chunked loss from hidden states",
+    "dtype": "auto | float32 | bfloat16 | float16 (autocast; float16 with loss scaling; auto: bf16 on CUDA >= 8.0, fp16 below, float32 on CPU/MPS)", "chunked_loss": "chunked loss from hidden states",
     "stop_after_step": "stop as if Ctrl-C was pressed after this many steps",
     "lora_r": "LoRA rank (0 = full fine-tuning)", "lora_alpha": "LoRA alpha (update scale alpha / r)",
     "lora_dropout": "dropout on the LoRA adapters' input", "lora_targets": "all-linear or names, e.g. q_proj,v_proj",

@@ -78,7 +78,7 @@ class TrainConfig:
     freeze_top_mlps: int = 0  # keep the MLPs of the last N decoder blocks as pretraining left them
     # -- the machine
     device: str | None = None  # cuda | mps | cpu; None: the best available
-    dtype: str = "auto"  # float32 | bfloat16 (autocast, weights stay float32) | auto: bfloat16 on CUDA
+    dtype: str = "auto"  # float32 | bfloat16 | float16 (autocast, weights stay float32) | auto: precision.py decides
     chunked_loss: bool = True  # loss from hidden states, chunk by chunk (never the full logits)
     grad_checkpointing: bool = False  # keep only each block's input for backward; recompute the rest
     fast: bool = True  # the speed layer (minisft/fast/): the same numbers, less memory and time; off: model.py as written
@@ -148,8 +148,8 @@ def check_config(cfg):
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise bad(name, "a number in [0, 1)")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise bad("dtype", "auto, float32 or bfloat16")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise bad("dtype", "auto, float32, bfloat16 or float16")
     if cfg.lora_r < 0:
         raise bad("lora_r", "an integer >= 0 (0 = full fine-tuning)")
     if not cfg.lora_alpha > 0:

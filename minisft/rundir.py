@@ -159,7 +159,7 @@ class RunFolder:
         if saved["world_size"] != world:
             raise ValueError(f"--resume: the run used {saved['world_size']} processes, now {world} "
                              f"(the global batch would change)")
-        return {k: saved[k] for k in keys}, ckpt
+        return {k: saved[k] for k in keys if k in saved}, ckpt  # a key newer than the checkpoint keeps its start value
 
     def __enter__(self):
         return self
