@@ -9,7 +9,7 @@ import dataclasses
 import sys
 
 from minisft import distributed
-from minisft.config import TrainConfig, flag
+from minisft.config import TrainConfig, flag, integer_or_auto
 from minisft.rundir import saved_config
 
 HELP = {
@@ -22,7 +22,7 @@ HELP = {
     "packing": "pack several conversations per row; micro-batches hold ~batch-size conversations' tokens",
     "max_tokens": "with --packing: real tokens per micro-batch (default: batch size x mean length)", "group_by_length": "batch similar lengths together",
     "skip_bad": "skip malformed records (counted) instead of stopping",
-    "batch_size": "examples per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
+    "batch_size": "examples per micro-batch per process, or auto: the largest that fits, --grad-accum keeping 8 x grad-accum per step", "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
     "warmup_steps": "linear warmup steps", "warmup_ratio": "warmup as a fraction of all steps",
     "max_steps": "optimizer steps", "epochs": "passes over the data", "weight_decay": "AdamW weight decay (matrices)",
@@ -48,7 +48,7 @@ HELP = {
 }
 # Fields whose default is None: argparse needs the type of the value they take.
 OPTIONAL_TYPES = {"max_tokens": int, "max_examples": int, "data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
-                  "epochs": int, "device": str, "stop_after_step": int}
+                  "epochs": int, "device": str, "stop_after_step": int, "batch_size": integer_or_auto}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -43,7 +43,7 @@ class TrainConfig:
     group_by_length: bool = False  # batch similar lengths together (less padding)
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     # -- optimisation
-    batch_size: int = 8  # examples per micro-batch and per process
+    batch_size: int | str = 8  # examples per micro-batch and per process; auto: the largest that fits (fit.py)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-5  # peak learning rate (right for real SmolLM; the tiny default model likes ~1e-3)
     min_lr: float = 0.0  # the cosine ends here
@@ -100,6 +100,11 @@ def looks_like_hub_id(spec):
             and not os.path.isdir(spec.split("/")[0]))
 
 
+def integer_or_auto(text):
+    """--batch-size's value: a whole number, or "auto"."""
+    return text if text == "auto" else int(text)
+
+
 def flag(name):
     """The command-line spelling of a field: batch_size -> --batch-size."""
     return "--" + name.replace("_", "-")
@@ -112,7 +117,9 @@ def check_config(cfg):
 
     if not cfg.data and not cfg.resume:
         raise ValueError("--data is required (a .jsonl or .json file of conversations)")
-    for name in ("batch_size", "grad_accum", "max_length", "num_samples", "keep_checkpoints", "log_every"):
+    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+        raise bad("batch_size", "an integer >= 1 or auto (the largest that fits, fit.py)")
+    for name in ("grad_accum", "max_length", "num_samples", "keep_checkpoints", "log_every"):
         if getattr(cfg, name) < 1:
             raise bad(name, "an integer >= 1")
     for name in ("eval_every", "sample_every", "save_every", "plot_every", "patience", "overfit_evals",

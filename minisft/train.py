@@ -35,7 +35,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, cli, console, conversations, data, distributed, fast, precision
+from minisft import chat_template, cli, console, conversations, data, distributed, fast, fit, precision
 from minisft.checkpoint import list_checkpoints
 from minisft.config import TrainConfig, check_config  # noqa: F401
 from minisft.data import to_device  # noqa: F401  (part of this module's API since lesson 4)
@@ -301,6 +301,7 @@ def train(cfg):
     # ---- model, data, steps, schedule, optimizer ---------------------------------------------
     model, tokenizer = build_model(cfg, device)
     prec = precision.choose(cfg.dtype, device)
+    cfg = fit.resolve(cfg, model, device, prec, log)  # --batch-size auto -> the micro-batch that fits
     template = pick_template(cfg, tokenizer)
     tokenizer.check_fits(model.config.vocab_size, cfg.model, needs=("<|im_start|>", "<|im_end|>"))
     examples, val_examples, prompts, info = load_data(cfg, model, tokenizer, template, log)
