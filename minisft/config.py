@@ -81,6 +81,7 @@ class TrainConfig:
     dtype: str = "auto"  # float32 | bfloat16 | float16 (autocast, weights stay float32) | auto: precision.py decides
     chunked_loss: bool = True  # loss from hidden states, chunk by chunk (never the full logits)
     grad_checkpointing: bool = False  # keep only each block's input for backward; recompute the rest
+    compile: bool = False  # torch.compile the forward, lengths bucketed (compiled.py); off until measured on a GPU
     fast: bool = True  # the speed layer (minisft/fast/): the same numbers, less memory and time; off: model.py as written
     stop_after_step: int | None = None  # behave as if Ctrl-C was pressed after this many steps (tests, demos)
 

@@ -35,7 +35,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, cli, console, conversations, data, distributed, fast, fit, precision
+from minisft import chat_template, cli, compiled, console, conversations, data, distributed, fast, fit, precision
 from minisft.checkpoint import list_checkpoints
 from minisft.config import TrainConfig, check_config  # noqa: F401
 from minisft.data import to_device  # noqa: F401  (part of this module's API since lesson 4)
@@ -49,7 +49,7 @@ from minisft.watch import Watch, overfitting, repetition_loop  # noqa: F401
 from minisft.weights import load_pretrained, pick_device
 
 def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0,
-                         scaler=None):
+                         scaler=None, loss_fn=batch_loss):
     """Backward every micro-batch so that the gradients are those of ONE loss:
 
         loss = (sum of the token losses of ALL micro-batches) / n_targets
@@ -65,6 +65,7 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
     micro_batches: collated batches already on the model's device. Returns the summed loss of
     these micro-batches as a float64 0-dim tensor (detached). scaler: a GradScaler with --dtype
     float16 (precision.py): each backward starts from the loss times its scale, sft_step divides it out.
+    loss_fn: loss.batch_loss, or compiled.batch_loss with --compile (the same numbers, a compiled forward).
     """
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scale = grad_scale / max(n_targets, 1)  # max(): a batch with no target at all gives 0, not NaN
@@ -74,7 +75,7 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
         sync = model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext()
         with sync:
             with autocast():
-                loss_sum, _ = model(mb) if ddp else batch_loss(model, mb, chunked)
+                loss_sum, _ = model(mb) if ddp else loss_fn(model, mb, chunked)
             loss = loss_sum * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach().double().cpu()
@@ -108,8 +109,11 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     # mid-backward into a heap the activations have fragmented (docs/heap.md: the peak memory it saves).
     # Every trainable parameter gets a gradient in every backward, so AdamW steps the same.
     optimizer.zero_grad(set_to_none=False)
-    loss_sum = accumulate_gradients(runner, [to_device(mb, device) for mb in micro_batches], n_targets,
-                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world, scaler=scaler)
+    # --compile: static shapes, each micro-batch padded up to its length bucket (compiled.py), after the counts.
+    pad = compiled.pad_to_bucket if cfg.compile else (lambda mb: mb)
+    loss_sum = accumulate_gradients(runner, [to_device(pad(mb), device) for mb in micro_batches], n_targets,
+                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world, scaler=scaler,
+                                    loss_fn=compiled.batch_loss if cfg.compile else batch_loss)
     loss = distributed.all_reduce_sum([float(loss_sum)], device)[0] / max(n_targets, 1)
 
     # 4. Clip. clip_grad_norm_ returns the norm BEFORE clipping: that is what we log. float16: the
@@ -212,7 +216,7 @@ def build_model(cfg, device):
         freeze_text_embeddings(model, tokenizer.added_ids)
     if cfg.freeze_top_mlps:  # New in lesson 10: so do the MLPs of the upper blocks
         freeze_top_mlps(model, cfg.freeze_top_mlps)
-    if cfg.fast:  # New in lesson 11: the speed layer swaps in modules that compute the same numbers faster
+    if cfg.fast and not cfg.compile:  # New in lesson 11: the same numbers, faster (not under --compile: compiled.py)
         fast.apply(model)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model, tokenizer
