@@ -91,6 +91,9 @@ def resolve(cfg, model, device, prec, log):
     if cfg.resume:
         saved = saved_config(cfg.out)
         return dataclasses.replace(cfg, batch_size=saved["batch_size"], grad_accum=saved["grad_accum"])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # Each process would pick from its own free memory, and DDP needs the same number of micro-batches on all.
+        raise ValueError("--batch-size auto: one process only (with torchrun, give --batch-size a number)")
     global_batch = REFERENCE_BATCH * cfg.grad_accum
     length = min(cfg.max_length, model.config.max_position_embeddings)
     free = free_memory(device)

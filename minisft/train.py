@@ -22,6 +22,7 @@ own; the pieces live in one module each:
     schedule.py   the learning rate of every step            watch.py       eval, samples, early stopping
     rundir.py     metrics, plots, checkpoints, resume        distributed.py several processes (torchrun)
     optim.py      AdamW's groups, frozen parts (lesson 10)   console.py     what the console shows
+    precision.py  --dtype: the matmuls' format per device    fit.py, compiled.py   --batch-size auto, --compile
     fast/         the speed layer build_model applies: the same numbers, less time and memory (lesson 11)
 
 Steps are counted from 0: metrics line "step": s is optimizer step s, trained at lr_at(s).
