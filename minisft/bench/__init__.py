@@ -3,6 +3,7 @@
     python -m minisft.bench [--model data/base-model] [--steps 30] [--repeats 3] [--device cpu] [--threads 1] [--json]
                             [--dtype auto|float32|bfloat16|float16]
     python -m minisft.bench --mode micro [--batch 4] [--seq 256]     # one step, model against model
+    python -m minisft.bench --suite gpu [--device cuda]              # issue 25's step rows (bench/gpu.py)
 
 Read it after lesson 6. Each trainer runs the same job through its command line, in its own process:
 data file -> chat template -> batches -> optimizer steps (minisft: `python -m minisft.train`;
@@ -264,6 +265,9 @@ def summary_json(rows, decode, device):
 
 
 def main(argv=None):
+    if "--suite" in (sys.argv[1:] if argv is None else argv):  # the GPU suite has a command line of its own
+        from minisft.bench import gpu
+        return gpu.main(argv)
     p = argparse.ArgumentParser(prog="python -m minisft.bench", description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("e2e", "micro"), default="e2e", help="e2e: the whole job; micro: one step")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the embedded model)")
