@@ -63,14 +63,14 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
 
     model: a SmolLM, or a DistributedDataParallel around distributed.WithLoss; then grad_scale =
     world size undoes DDP's averaging of gradients over processes (we want their sum).
-    micro_batches: collated batches already on the model's device. Returns the summed loss of
-    these micro-batches as a float64 0-dim tensor (detached). scaler: a GradScaler with --dtype
+    micro_batches: collated batches already on the model's device. Returns the summed loss of these
+    micro-batches as a float64 0-dim tensor on that device (detached: no host sync per micro-batch). scaler: a GradScaler with --dtype
     float16 (precision.py): each backward starts from the loss times its scale, sft_step divides it out.
     loss_fn: loss.batch_loss, or compiled.batch_loss with --compile (the same numbers, a compiled forward).
     """
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scale = grad_scale / max(n_targets, 1)  # max(): a batch with no target at all gives 0, not NaN
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0
     for i, mb in enumerate(micro_batches):
         # DDP all-reduces gradients during backward; only the last micro-batch needs to.
         sync = model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext()
@@ -79,7 +79,7 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
                 loss_sum, _ = model(mb) if ddp else loss_fn(model, mb, chunked)
             loss = loss_sum * scale
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss_sum.detach().double().cpu()
+        total = total + loss_sum.detach().double()
     return total
 
 
@@ -110,19 +110,19 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     # mid-backward into a heap the activations have fragmented (docs/heap.md: the peak memory it saves).
     # Every trainable parameter gets a gradient in every backward, so AdamW steps the same.
     optimizer.zero_grad(set_to_none=False)
-    # --compile: static shapes, each micro-batch padded up to its length bucket (compiled.py), after the counts.
-    pad = compiled.pad_to_bucket if cfg.compile else (lambda mb: mb)
+    pad = compiled.pad_to_bucket if cfg.compile else (lambda mb: mb)  # --compile: length buckets (compiled.py)
     loss_sum = accumulate_gradients(runner, [to_device(pad(mb), device) for mb in micro_batches], n_targets,
                                     chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world, scaler=scaler,
                                     loss_fn=compiled.batch_loss if cfg.compile else batch_loss)
-    loss = distributed.all_reduce_sum([float(loss_sum)], device)[0] / max(n_targets, 1)
 
     # 4. Clip. clip_grad_norm_ returns the norm BEFORE clipping: that is what we log. float16: the
     # gradients are divided by the loss scale first, so the norm and the clip are those of the true gradient.
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.double()]).tolist()  # the step's one host sync (log, guard)
+    loss = distributed.all_reduce_sum([loss_sum], device)[0] / max(n_targets, 1)
     overflow = scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm) and scaler.get_scale() > 1
     if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
         optimizer.zero_grad(set_to_none=True)
