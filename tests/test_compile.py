@@ -58,6 +58,20 @@ def test_compiled_loss_and_gradients_equal_eager(monkeypatch, backend, chunked):
     batch = data.collate(examples([37, 50, 20]), 0)
     padded = compiled.pad_to_bucket(batch)
     assert padded["input_ids"].shape == (3, 64) and padded["attention_mask"].all()  # right-padded: causal mask suffices
+    pairs = [(batch, padded)]
+    a, b = examples([30, 45], seed=1)  # one packed row of two conversations: its mask must stay
+    row = {"input_ids": a["input_ids"] + b["input_ids"], "labels": a["labels"] + b["labels"],
+           "seq_ids": [1] * 30 + [2] * 45, "position_ids": list(range(30)) + list(range(45))}
+    packed = data.collate([row], 0)
+    packed_padded = compiled.pad_to_bucket(packed)
+    assert packed_padded["attention_mask"].shape == (1, 128) and packed_padded["attention_mask"][0, 75:].eq(0).all()
+    pairs.append((packed, packed_padded))
+    for plain, bucketed in pairs:
+        check_equal(model, chunked, plain, bucketed)
+    assert counters["stats"]["unique_graphs"] >= 1  # it really went through torch.compile
+
+
+def check_equal(model, chunked, batch, padded):
     results = []
     for fn, b in ((batch_loss, batch), (compiled.batch_loss, padded)):
         model.zero_grad(set_to_none=True)
@@ -68,7 +82,6 @@ def test_compiled_loss_and_gradients_equal_eager(monkeypatch, backend, chunked):
     assert n0 == n1 and torch.allclose(l0, l1, rtol=1e-5)
     for a, b in zip(g0, g1):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    assert counters["stats"]["unique_graphs"] >= 1  # it really went through torch.compile
 
 
 def run(tmp_path, name, **kw):
