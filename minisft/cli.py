@@ -9,7 +9,7 @@ import dataclasses
 import sys
 
 from minisft import distributed
-from minisft.config import TrainConfig, flag
+from minisft.config import TrainConfig, flag, integer_or_auto
 from minisft.rundir import saved_config
 
 HELP = {
@@ -22,7 +22,7 @@ HELP = {
     "packing": "pack several conversations per row; micro-batches hold ~batch-size conversations' tokens",
     "max_tokens": "with --packing: real tokens per micro-batch (default: batch size x mean length)", "group_by_length": "batch similar lengths together",
     "skip_bad": "skip malformed records (counted) instead of stopping",
-    "batch_size": "examples per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
+    "batch_size": "examples per micro-batch per process, or auto: the largest that fits, --grad-accum keeping 8 x grad-accum per step", "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate", "min_lr": "learning rate at the end of the cosine",
     "warmup_steps": "linear warmup steps", "warmup_ratio": "warmup as a fraction of all steps",
     "max_steps": "optimizer steps", "epochs": "passes over the data", "weight_decay": "AdamW weight decay (matrices)",
@@ -34,7 +34,7 @@ HELP = {
     "keep_checkpoints": "checkpoints to keep", "plot_every": "steps between plot refreshes",
     "log_every": "steps between progress lines",
     "report_to": "trackers for a copy of the metrics: none, or trackio,wandb,tensorboard (comma-separated)", "device": "cuda | mps | cpu (default: best available)",
-    "dtype": "auto | float32 | bfloat16 (autocast)", "chunked_loss": "chunked loss from hidden states",
+    "dtype": "auto | float32 | bfloat16 | float16 (autocast; float16 with loss scaling; auto: bf16 on CUDA >= 8.0, fp16 below, float32 on CPU/MPS)", "chunked_loss": "chunked loss from hidden states",
     "stop_after_step": "stop as if Ctrl-C was pressed after this many steps",
     "lora_r": "LoRA rank (0 = full fine-tuning)", "lora_alpha": "LoRA alpha (update scale alpha / r)",
     "lora_dropout": "dropout on the LoRA adapters' input", "lora_targets": "all-linear or names, e.g. q_proj,v_proj",
@@ -45,11 +45,12 @@ HELP = {
     "freeze_embeddings": "train only the chat tokens' embedding rows (text tokens keep their pretrained rows)",
     "freeze_top_mlps": "keep the MLPs of the last N decoder blocks as pretraining left them (0 = none)",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
+    "compile": "torch.compile the model's forward, micro-batch lengths padded to powers of two (off: not yet measured on a GPU)",
     "fast": "apply the speed layer minisft/fast/ (--no-fast: train model.py's plain modules as written)",
 }
 # Fields whose default is None: argparse needs the type of the value they take.
 OPTIONAL_TYPES = {"max_tokens": int, "max_examples": int, "data_subset": str, "data_split": str, "val_split": str, "val_data": str, "sample_data": str, "template": str, "warmup_steps": int, "max_steps": int,
-                  "epochs": int, "device": str, "stop_after_step": int}
+                  "epochs": int, "device": str, "stop_after_step": int, "batch_size": integer_or_auto}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -43,7 +43,7 @@ class TrainConfig:
     group_by_length: bool = False  # batch similar lengths together (less padding)
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     # -- optimisation
-    batch_size: int = 8  # examples per micro-batch and per process
+    batch_size: int | str = 8  # examples per micro-batch and per process; auto: the largest that fits (fit.py)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 5e-5  # peak learning rate (right for real SmolLM; the tiny default model likes ~1e-3)
     min_lr: float = 0.0  # the cosine ends here
@@ -79,9 +79,10 @@ class TrainConfig:
     freeze_top_mlps: int = 0  # keep the MLPs of the last N decoder blocks as pretraining left them
     # -- the machine
     device: str | None = None  # cuda | mps | cpu; None: the best available
-    dtype: str = "auto"  # float32 | bfloat16 (autocast, weights stay float32) | auto: bfloat16 on CUDA
+    dtype: str = "auto"  # float32 | bfloat16 | float16 (autocast, weights stay float32) | auto: precision.py decides
     chunked_loss: bool = True  # loss from hidden states, chunk by chunk (never the full logits)
     grad_checkpointing: bool = False  # keep only each block's input for backward; recompute the rest
+    compile: bool = False  # torch.compile the forward, lengths bucketed (compiled.py); off until measured on a GPU
     fast: bool = True  # the speed layer (minisft/fast/): the same numbers, less memory and time; off: model.py as written
     stop_after_step: int | None = None  # behave as if Ctrl-C was pressed after this many steps (tests, demos)
 
@@ -101,6 +102,11 @@ def looks_like_hub_id(spec):
             and not os.path.isdir(spec.split("/")[0]))
 
 
+def integer_or_auto(text):
+    """--batch-size's value: a whole number, or "auto"."""
+    return text if text == "auto" else int(text)
+
+
 def flag(name):
     """The command-line spelling of a field: batch_size -> --batch-size."""
     return "--" + name.replace("_", "-")
@@ -113,7 +119,9 @@ def check_config(cfg):
 
     if not cfg.data and not cfg.resume:
         raise ValueError("--data is required (a .jsonl or .json file of conversations)")
-    for name in ("batch_size", "grad_accum", "max_length", "num_samples", "keep_checkpoints", "log_every"):
+    if cfg.batch_size != "auto" and not (isinstance(cfg.batch_size, int) and cfg.batch_size >= 1):
+        raise bad("batch_size", "an integer >= 1 or auto (the largest that fits, fit.py)")
+    for name in ("grad_accum", "max_length", "num_samples", "keep_checkpoints", "log_every"):
         if getattr(cfg, name) < 1:
             raise bad(name, "an integer >= 1")
     for name in ("eval_every", "sample_every", "save_every", "plot_every", "patience", "overfit_evals",
@@ -149,8 +157,8 @@ def check_config(cfg):
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise bad(name, "a number in [0, 1)")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise bad("dtype", "auto, float32 or bfloat16")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise bad("dtype", "auto, float32, bfloat16 or float16")
     if cfg.lora_r < 0:
         raise bad("lora_r", "an integer >= 0 (0 = full fine-tuning)")
     if not cfg.lora_alpha > 0:

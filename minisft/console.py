@@ -1,4 +1,4 @@
-"""What a training run says on the console: three lines to open it, a progress line every
+"""What a training run says on the console: four lines to open it, a progress line every
 --log-every steps, one line to close it. train.py decides when; this module only words them.
 
 The numbers behind every line are also in the run folder's metrics.jsonl (rundir.py), which is
@@ -10,8 +10,10 @@ from minisft.lora import count_parameters
 from minisft.rundir import fmt_time
 
 
-def opening_lines(cfg, model, device, use_bf16, template, examples, val_examples, info, plan):
-    """-> [the model line, the data line, the steps line].
+def opening_lines(cfg, model, device, prec, template, examples, val_examples, info, plan):
+    """-> [the model line, the precision line, the data line, the steps line].
+
+    prec: the run's precision.Precision (its format and why).
 
     plan: (total_steps, warmup, steps_per_epoch, global_batch, micro, world), as train() planned them.
     info: data's counts (conversations, dropped_no_target, truncated, and budget with --packing)."""
@@ -22,8 +24,7 @@ def opening_lines(cfg, model, device, use_bf16, template, examples, val_examples
             f"{', base in bfloat16' if bf16_base else ''}" if cfg.lora_r else "")
     packed = f", packed into {len(examples)} micro-batches of <= {info['budget']} tokens" if cfg.packing else ""
     processes = f" x {world} processes" if world > 1 else ""
-    return [f"model {cfg.model}: {total:,} parameters on {device}{' (bfloat16 autocast)' if use_bf16 else ''}; "
-            f"template {template}{lora}",
+    return [f"model {cfg.model}: {total:,} parameters on {device}; template {template}{lora}", prec.line(),
             f"data: {info['conversations']} training conversations ({info['dropped_no_target']} dropped: nothing to "
             f"train on, {info['truncated']} truncated){packed}; {len(val_examples)} validation",
             f"{total_steps} steps of {global_batch} {'micro-batches' if cfg.packing else 'examples'} "

@@ -274,9 +274,14 @@ def batch_loss(model, batch, chunked=True, stats=None):
     args = (batch["input_ids"], batch["position_ids"], batch["attention_mask"])
     if chunked:
         return chunked_cross_entropy(model.hidden_states(*args), model.lm_head.weight, batch["labels"], stats=stats)
-    logits = model(*args)
+    return logits_loss(model(*args), batch["labels"], stats)
+
+
+def logits_loss(logits, labels, stats=None):
+    """masked_cross_entropy(logits [B, T, V], labels [B, T]), and with `stats` a dict, the targets'
+    "correct" and "entropy" sums added to it (as chunked_cross_entropy adds them)."""
     if stats is not None:
-        n_correct, entropy_sum = _stats(*_select_targets(logits.detach(), batch["labels"]))
+        n_correct, entropy_sum = _stats(*_select_targets(logits.detach(), labels))
         _add(stats, "correct", torch.tensor(n_correct))
         _add(stats, "entropy", torch.tensor(entropy_sum))
-    return masked_cross_entropy(logits, batch["labels"])
+    return masked_cross_entropy(logits, labels)

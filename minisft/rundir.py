@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 
-from minisft import chat_template
+from minisft import chat_template, distributed
 from minisft.checkpoint import (list_checkpoints, load_checkpoint, load_weights, read_state, remove_partial,
                                 save_checkpoint, save_weights, truncate_jsonl)
 from minisft.config import TRAJECTORY_KEYS, flag
@@ -271,3 +271,34 @@ def peak_memory_mb(device):
 def fmt_time(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def stop_requested(stop, done, cfg, world, device):
+    """Ctrl-C (or --stop-after-step) after `done` steps? With several processes: if any saw it, all stop."""
+    stop_now = stop.requested or (cfg.stop_after_step is not None and done >= cfg.stop_after_step)
+    if world > 1:  # Ctrl-C may reach only some processes: all stop, or none
+        stop_now = distributed.all_reduce_sum([float(stop_now)], device)[0] > 0
+    return stop_now
+
+
+def after_interrupt(state, save, last_ckpt, cfg, log):
+    """Ctrl-C: a checkpoint if the weights and `state` agree, and how to resume -> the last checkpoint.
+
+    Between optimizer.step() and the end of the step's bookkeeping (state["updating"]) the weights
+    are one step ahead of `state`: that state cannot be saved consistently."""
+    if state.pop("updating", False):
+        log(f"interrupted in the middle of step {state['step']}: no checkpoint written; "
+            f"the last one is {last_ckpt}", file=sys.stderr)
+    else:
+        last_ckpt = save()
+        log(f"interrupted after {state['step']} steps; checkpoint {last_ckpt}")
+    log(f"resume with: python -m minisft.train --out {cfg.out} --resume")
+    state["stop_reason"] = state["stop_reason"] or "interrupted"
+    return last_ckpt
+
+
+def save_final(run, model, tokenizer, template, cfg, state, log):
+    """final/: the fine-tuned model; with early stopping the best weights, not the last -> its path."""
+    if cfg.patience and run.load_best(model):
+        log(f"final/ holds the weights of step {state['best_step']} (best val loss {state['best_val_loss']:.4f})")
+    return run.save_final(model, tokenizer, template, cfg.model)

@@ -18,6 +18,7 @@ at every step, transformers' `get_cosine_schedule_with_warmup` (min_lr == 0) and
 warmup == total are fine. Past total_steps the cosine keeps turning and the rate rises again,
 as in transformers: a training loop stops at total_steps.
 """
+import functools
 import math
 
 
@@ -46,3 +47,13 @@ def warmup_from_ratio(ratio, total_steps):
     if not 0 <= ratio <= 1:
         raise ValueError(f"schedule.py: warmup ratio must be in [0, 1], got {ratio}")
     return math.ceil(total_steps * ratio)
+
+
+def plan(cfg, steps_per_epoch):
+    """A TrainConfig -> (total_steps, warmup_steps, lr_at): how long the run is, the rate of each step."""
+    total_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
+    warmup = cfg.warmup_steps
+    if warmup is None:
+        warmup = warmup_from_ratio(cfg.warmup_ratio, total_steps)
+    return total_steps, warmup, functools.partial(lr_at, base_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps,
+                                                  min_lr=cfg.min_lr)

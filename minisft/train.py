@@ -22,11 +22,11 @@ own; the pieces live in one module each:
     schedule.py   the learning rate of every step            watch.py       eval, samples, early stopping
     rundir.py     metrics, plots, checkpoints, resume        distributed.py several processes (torchrun)
     optim.py      AdamW's groups, frozen parts (lesson 10)   console.py     what the console shows
+    precision.py  --dtype: the matmuls' format per device    fit.py, compiled.py   --batch-size auto, --compile
     fast/         the speed layer build_model applies: the same numbers, less time and memory (lesson 11)
 
 Steps are counted from 0: metrics line "step": s is optimizer step s, trained at lr_at(s).
 """
-import functools
 import math
 import random
 import sys
@@ -36,7 +36,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, cli, console, conversations, data, distributed, fast, schedule, trackers
+from minisft import (chat_template, cli, compiled, console, conversations, data, distributed, fast, fit, precision,
+                     trackers)
 from minisft.checkpoint import list_checkpoints
 from minisft.config import TrainConfig, check_config  # noqa: F401
 from minisft.data import to_device  # noqa: F401  (part of this module's API since lesson 4)
@@ -44,12 +45,14 @@ from minisft.lora import add_lora
 from minisft.loss import batch_loss
 from minisft.optim import freeze_text_embeddings, freeze_top_mlps, make_optimizer, param_groups  # noqa: F401
 from minisft.rundir import TIMING_KEYS, RunFolder, StopRequest, check_out_dir, final_template  # noqa: F401
+from minisft.rundir import after_interrupt, save_final, stop_requested
 from minisft.rundir import peak_memory_mb, saved_config  # noqa: F401
+from minisft.schedule import plan as plan_schedule
 from minisft.watch import Watch, overfitting, repetition_loop  # noqa: F401
 from minisft.weights import load_pretrained, pick_device
 
 def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autocast=nullcontext, grad_scale=1.0,
-                         stats=None):
+                         stats=None, scaler=None, loss_fn=batch_loss):
     """Backward every micro-batch so that the gradients are those of ONE loss:
 
         loss = (sum of the token losses of ALL micro-batches) / n_targets
@@ -62,32 +65,38 @@ def accumulate_gradients(model, micro_batches, n_targets, *, chunked=True, autoc
 
     model: a SmolLM, or a DistributedDataParallel around distributed.WithLoss; then grad_scale =
     world size undoes DDP's averaging of gradients over processes (we want their sum).
-    micro_batches: collated batches already on the model's device. Returns the summed loss of
-    these micro-batches as a float64 0-dim tensor (detached). stats: a dict that gains the targets'
-    "correct" and "entropy" sums (loss.batch_loss), or None (and always with DDP).
+    micro_batches: collated batches already on the model's device. Returns the summed loss of these
+    micro-batches as a float64 0-dim tensor on that device (detached: no host sync per micro-batch).
+    stats: a dict that gains the targets' "correct" and "entropy" sums (loss.batch_loss), or None (and
+    always with DDP). scaler: a GradScaler with --dtype float16 (precision.py): each backward starts
+    from the loss times its scale, sft_step divides it out. loss_fn: loss.batch_loss, or
+    compiled.batch_loss with --compile (the same numbers, a compiled forward).
     """
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     scale = grad_scale / max(n_targets, 1)  # max(): a batch with no target at all gives 0, not NaN
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0
     for i, mb in enumerate(micro_batches):
         # DDP all-reduces gradients during backward; only the last micro-batch needs to.
         sync = model.no_sync() if ddp and i < len(micro_batches) - 1 else nullcontext()
         with sync:
             with autocast():
-                loss_sum, _ = model(mb) if ddp else batch_loss(model, mb, chunked, stats)
-            (loss_sum * scale).backward()
-        total += loss_sum.detach().double().cpu()
+                loss_sum, _ = model(mb) if ddp else loss_fn(model, mb, chunked, stats)
+            loss = loss_sum * scale
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = total + loss_sum.detach().double()
     return total
 
 
-def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device, autocast, world=1):
+def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device, autocast, world=1, scaler=None):
     """Optimizer step `step` (0-based) -> its numbers (loss, lr, grad_norm, tokens, input_tokens).
 
     batches(step): this process's share of the step's global batch, as collated micro-batches
     (data.step_batches). runner: the model, or its DDP wrapper with several processes.
     state["updating"] turns True just before AdamW changes the weights: from then until the step
     is recorded, a checkpoint would not match `state`, and train() writes none if interrupted there.
-    Raises FloatingPointError, before touching the weights, when the loss or the gradient is not finite.
+    Raises FloatingPointError, before touching the weights, when the loss or the gradient is not finite
+    -- except a float16 step (scaler) whose gradient overflowed at a loss scale > 1: the scale was too
+    big, not the gradient. That step is skipped (no update), the scale halves, state["skipped_steps"] counts it.
     """
     # 1. The global batch of this step (this process's rows of it), cut into micro-batches.
     micro_batches = batches(step)
@@ -105,36 +114,45 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
     # mid-backward into a heap the activations have fragmented (docs/heap.md: the peak memory it saves).
     # Every trainable parameter gets a gradient in every backward, so AdamW steps the same.
     optimizer.zero_grad(set_to_none=False)
+    pad = compiled.pad_to_bucket if cfg.compile else (lambda mb: mb)  # --compile: length buckets (compiled.py)
     stats = {}
-    loss_sum = accumulate_gradients(runner, [to_device(mb, device) for mb in micro_batches], n_targets,
-                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world, stats=stats)
-    loss = distributed.all_reduce_sum([float(loss_sum)], device)[0] / max(n_targets, 1)
+    loss_sum = accumulate_gradients(runner, [to_device(pad(mb), device) for mb in micro_batches], n_targets,
+                                    chunked=cfg.chunked_loss, autocast=autocast, grad_scale=world, scaler=scaler,
+                                    loss_fn=compiled.batch_loss if cfg.compile else batch_loss, stats=stats)
 
-    # 4. Clip. clip_grad_norm_ returns the norm BEFORE clipping: that is what we log.
+    # 4. Clip. clip_grad_norm_ returns the norm BEFORE clipping: that is what we log. float16: the
+    # gradients are divided by the loss scale first, so the norm and the clip are those of the true gradient.
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    sums = [loss_sum, grad_norm.double()] + ([stats["correct"], stats["entropy"]] if stats else [])
+    loss_sum, grad_norm, *stat_sums = torch.stack([t.to(loss_sum.device) for t in sums]).tolist()  # one host sync
+    loss = distributed.all_reduce_sum([loss_sum], device)[0] / max(n_targets, 1)
+    overflow = scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm) and scaler.get_scale() > 1
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
         optimizer.zero_grad(set_to_none=True)
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
         raise FloatingPointError(f"step {step}: {what} is {value}; stopped before the optimizer step, nothing was "
                                  f"updated")
 
-    # 5. AdamW at this step's learning rate.
+    # 5. AdamW at this step's learning rate (float16: GradScaler skips it after an overflow, then adapts its scale).
     state["updating"] = True
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+        state["scaler"] = scaler.state_dict()  # the scale goes into every checkpoint: resume is exact
+    state["skipped_steps"] += int(overflow)
 
     # 6. The numbers, for what watches and records the run. The accuracy (greedy pick = target) and the
     # entropy of the predictions, over the target tokens, carry TRL's names (trackers.py).
-    numbers = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens}
-    if stats:  # none with several processes (DDP's wrapper returns the loss only)
-        numbers.update(mean_token_accuracy=float(stats["correct"]) / max(n_targets, 1),
-                       entropy=float(stats["entropy"]) / max(n_targets, 1))
+    numbers = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_targets, "input_tokens": n_tokens,
+               "skipped_steps": state["skipped_steps"], **({"loss_scale": scaler.get_scale()} if scaler else {})}
+    if stat_sums:  # none with several processes (DDP's wrapper returns the loss only)
+        numbers.update(mean_token_accuracy=stat_sums[0] / max(n_targets, 1), entropy=stat_sums[1] / max(n_targets, 1))
     return numbers
-
-
-def cuda_bf16(device):
-    """True on a CUDA GPU that computes in bfloat16: what --dtype auto (and --base-dtype auto) pick it on."""
-    return str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
 
 
 def load_data(cfg, model, tokenizer, template, log):
@@ -190,7 +208,8 @@ def load_data(cfg, model, tokenizer, template, log):
 def build_model(cfg, device):
     """The model to train -> (model, tokenizer): the pretrained weights, then what the recipe changes.
 
-    float32 weights; on CUDA the matmuls run in bfloat16 under autocast (autocast_for). Why not
+    float32 weights; the matmuls run in the format precision.choose picks (bfloat16 or float16
+    autocast on CUDA). Why not
     bfloat16 weights: bf16 keeps 8 bits of mantissa, so an update smaller than ~1/256 of a weight
     rounds away, and fine-tuning's updates (lr 5e-5) are mostly that small. With LoRA the base is
     frozen: nothing is added to its weights, so bfloat16 loses nothing there and halves their memory;
@@ -198,7 +217,7 @@ def build_model(cfg, device):
     """
     random.seed(cfg.seed)  # before anything random: LoRA's init, dropout, the data order
     torch.manual_seed(cfg.seed)
-    bf16_base = cfg.lora_r and (cfg.base_dtype == "bfloat16" or (cfg.base_dtype == "auto" and cuda_bf16(device)))
+    bf16_base = cfg.lora_r and precision.bf16_base(cfg.base_dtype, precision.choose(cfg.dtype, device))
     model, tokenizer = load_pretrained(cfg.model, dtype=torch.bfloat16 if bf16_base else torch.float32, device=device)
     if tokenizer is None:
         raise FileNotFoundError(f"{cfg.model}: no tokenizer.json next to the weights (training needs the tokenizer)")
@@ -208,17 +227,10 @@ def build_model(cfg, device):
         freeze_text_embeddings(model, tokenizer.added_ids)
     if cfg.freeze_top_mlps:  # New in lesson 10: so do the MLPs of the upper blocks
         freeze_top_mlps(model, cfg.freeze_top_mlps)
-    if cfg.fast:  # New in lesson 11: the speed layer swaps in modules that compute the same numbers faster
+    if cfg.fast and not cfg.compile:  # New in lesson 11: the same numbers, faster (not under --compile: compiled.py)
         fast.apply(model)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model, tokenizer
-
-
-def autocast_for(cfg, device):
-    """-> (a function giving the forward's autocast context, whether that is bfloat16)."""
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda_bf16(device))
-    device_type = torch.device(device).type
-    return ((lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if use_bf16 else nullcontext), use_bf16
 
 
 def pick_template(cfg, tokenizer):
@@ -232,21 +244,11 @@ def pick_template(cfg, tokenizer):
                          f"format to train with --template ({', '.join(chat_template.TEMPLATES)})") from None
 
 
-def plan_schedule(cfg, steps_per_epoch):
-    """-> (total_steps, warmup_steps, lr_at): how long the run is, and the learning rate of each step."""
-    total_steps = cfg.max_steps or (cfg.epochs or 1) * steps_per_epoch
-    warmup = cfg.warmup_steps
-    if warmup is None:
-        warmup = schedule.warmup_from_ratio(cfg.warmup_ratio, total_steps)
-    lr_at = functools.partial(schedule.lr_at, base_lr=cfg.lr, warmup_steps=warmup, total_steps=total_steps,
-                              min_lr=cfg.min_lr)
-    return total_steps, warmup, lr_at
-
-
 def new_state():
     """Where the run stands: everything a checkpoint must carry besides tensors."""
     return {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "gaps": [],
-            "train_since_eval": [0.0, 0], "tokens_seen": 0, "num_tokens": 0, "elapsed_s": 0.0, "stop_reason": None}
+            "train_since_eval": [0.0, 0], "tokens_seen": 0, "num_tokens": 0, "elapsed_s": 0.0, "stop_reason": None,
+            "skipped_steps": 0, "scaler": None}
 
 
 def record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg, device, watch, run, model, log):
@@ -269,37 +271,6 @@ def record_step(step, numbers, dt, eta, state, steps_per_epoch, total_steps, cfg
     return rec
 
 
-def stop_requested(stop, done, cfg, world, device):
-    """Ctrl-C (or --stop-after-step) after `done` steps? With several processes: if any saw it, all stop."""
-    stop_now = stop.requested or (cfg.stop_after_step is not None and done >= cfg.stop_after_step)
-    if world > 1:  # Ctrl-C may reach only some processes: all stop, or none
-        stop_now = distributed.all_reduce_sum([float(stop_now)], device)[0] > 0
-    return stop_now
-
-
-def after_interrupt(state, save, last_ckpt, cfg, log):
-    """Ctrl-C: a checkpoint if the weights and `state` agree, and how to resume -> the last checkpoint.
-
-    Between optimizer.step() and the end of the step's bookkeeping (state["updating"]) the weights
-    are one step ahead of `state`: that state cannot be saved consistently."""
-    if state.pop("updating", False):
-        log(f"interrupted in the middle of step {state['step']}: no checkpoint written; "
-            f"the last one is {last_ckpt}", file=sys.stderr)
-    else:
-        last_ckpt = save()
-        log(f"interrupted after {state['step']} steps; checkpoint {last_ckpt}")
-    log(f"resume with: python -m minisft.train --out {cfg.out} --resume")
-    state["stop_reason"] = state["stop_reason"] or "interrupted"
-    return last_ckpt
-
-
-def save_final(run, model, tokenizer, template, cfg, state, log):
-    """final/: the fine-tuned model; with early stopping the best weights, not the last -> its path."""
-    if cfg.patience and run.load_best(model):
-        log(f"final/ holds the weights of step {state['best_step']} (best val loss {state['best_val_loss']:.4f})")
-    return run.save_final(model, tokenizer, template, cfg.model)
-
-
 def train(cfg):
     """Fine-tune cfg.model on cfg.data; returns a summary dict (see the end of this function).
 
@@ -316,7 +287,8 @@ def train(cfg):
 
     # ---- model, data, steps, schedule, optimizer ---------------------------------------------
     model, tokenizer = build_model(cfg, device)
-    autocast, use_bf16 = autocast_for(cfg, device)
+    prec = precision.choose(cfg.dtype, device)
+    cfg = fit.resolve(cfg, model, device, prec, log)  # --batch-size auto -> the micro-batch that fits
     template = pick_template(cfg, tokenizer)
     tokenizer.check_fits(model.config.vocab_size, cfg.model, needs=("<|im_start|>", "<|im_end|>"))
     examples, val_examples, prompts, info = load_data(cfg, model, tokenizer, template, log)
@@ -334,7 +306,8 @@ def train(cfg):
     if cfg.resume:  # weights, AdamW moments, RNG states and `state` as the last checkpoint left them
         saved, ckpt = run.resume(model, optimizer, cfg, world, keys=list(state))
         state.update(saved)  # a key newer than the checkpoint keeps its fresh value
-    watch = Watch(cfg, model, tokenizer, template, val_examples, prompts, device, autocast, rank, world, log)
+    scaler = prec.scaler(state["scaler"])  # float16: a GradScaler, at the checkpoint's scale on resume
+    watch = Watch(cfg, model, tokenizer, template, val_examples, prompts, device, prec.autocast, rank, world, log)
 
     def save():
         path = run.save_checkpoint(model, optimizer, dict(
@@ -344,7 +317,7 @@ def train(cfg):
         distributed.barrier(world)
         return path
 
-    for line in console.opening_lines(cfg, model, device, use_bf16, template, examples, val_examples, info,
+    for line in console.opening_lines(cfg, model, device, prec, template, examples, val_examples, info,
                                      (total_steps, warmup, steps_per_epoch, global_batch, micro, world)):
         log(line)
 
@@ -362,7 +335,7 @@ def train(cfg):
                 step, t0 = state["step"], time.perf_counter()
                 try:
                     numbers = sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
-                                       autocast, world)
+                                       prec.autocast, world, scaler)
                 except FloatingPointError as e:
                     run.refresh_plots()
                     raise FloatingPointError(f"{e}. Last good checkpoint: {last_ckpt or 'none (no checkpoint yet)'}. "

@@ -1,8 +1,9 @@
 """How fast is a real SFT run? minisft's trainer against TRL's SFTTrainer, end to end.
 
     python -m minisft.bench [--model data/base-model] [--steps 30] [--repeats 3] [--device cpu] [--threads 1] [--json]
-                            [--dtype auto|float32|bfloat16]
+                            [--dtype auto|float32|bfloat16|float16]
     python -m minisft.bench --mode micro [--batch 4] [--seq 256]     # one step, model against model
+    python -m minisft.bench --suite gpu [--device cuda]              # issue 25's step rows (bench/gpu.py)
 
 Read it after lesson 6. Each trainer runs the same job through its command line, in its own process:
 data file -> chat template -> batches -> optimizer steps (minisft: `python -m minisft.train`;
@@ -134,7 +135,7 @@ def job_commands(job, args, work, model, max_length):
     if args.trl and job not in ("grouped/skewed", "ckpt/skewed"):
         trl = py + ["minisft.bench.trl_side", "--model", model, "--data", data] + common + [
             f"--batch-size={knobs['batch_size']}", f"--grad-accum={knobs['grad_accum']}",
-            f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"] + (["--bf16"] if args.dtype == "bfloat16" else [])
+            f"--max-length={knobs['max_length']}", f"--lr={knobs['lr']}"] + {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(args.dtype, [])
         trl += {"best/skewed": ["--packing", "--gradient-checkpointing"],
                 "shipped/skewed": ["--gradient-checkpointing"]}.get(job, [])
     return mine, trl
@@ -264,12 +265,15 @@ def summary_json(rows, decode, device):
 
 
 def main(argv=None):
+    if "--suite" in (sys.argv[1:] if argv is None else argv):  # the GPU suite has a command line of its own
+        from minisft.bench import gpu
+        return gpu.main(argv)
     p = argparse.ArgumentParser(prog="python -m minisft.bench", description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("e2e", "micro"), default="e2e", help="e2e: the whole job; micro: one step")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the embedded model)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="e2e: the matmuls' dtype in both trainers; auto: bfloat16 autocast on CUDA, else float32")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="e2e: the matmuls' dtype in both trainers; auto: what minisft.precision picks on the device")
     p.add_argument("--repeats", type=int, default=None, help="runs per row, the median is shown (e2e 3, micro 5)")
     p.add_argument("--steps", type=int, default=30, help="e2e: optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=8, help="e2e: conversations per micro-batch")
@@ -299,8 +303,8 @@ def main(argv=None):
             raise ValueError(f"--rows {unknown[0]}: unknown row (expected some of {', '.join(JOBS)})")
         check_device(args.device)
         if args.dtype == "auto":  # what minisft.train itself picks on this device
-            from minisft.train import cuda_bf16
-            args.dtype = "bfloat16" if cuda_bf16(args.device) else "float32"
+            from minisft import precision
+            args.dtype = precision.choose("auto", args.device).name
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")

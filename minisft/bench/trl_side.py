@@ -2,7 +2,7 @@
 
     python -m minisft.bench.trl_side --model DIR --data FILE.jsonl --out DIR --max-steps N
                                       [--batch-size 8] [--grad-accum 1] [--max-length 1024] [--lr 5e-5]
-                                      [--packing] [--gradient-checkpointing] [--device cpu] [--bf16]
+                                      [--packing] [--gradient-checkpointing] [--device cpu] [--bf16|--fp16]
 
 minisft.bench runs this file as its own process, once per TRL row; nothing else imports it, and it
 is the only place that imports trl (an optional extra: pip install trl). It writes DIR/steps.jsonl,
@@ -44,7 +44,8 @@ def main(argv=None):
     p.add_argument("--packing", action="store_true", help='TRL packing, strategy "bfd" (padding-free rows)')
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights), as minisft on CUDA")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 weights), as minisft on CUDA >= 8.0")
+    p.add_argument("--fp16", action="store_true", help="float16 autocast + loss scaling, as minisft on older CUDA GPUs")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -92,7 +93,7 @@ def main(argv=None):
         gradient_accumulation_steps=args.grad_accum, max_length=args.max_length, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=args.seed,
         packing=args.packing, packing_strategy="bfd", gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16, fp16=False, use_cpu=device == "cpu", logging_steps=1, save_strategy="no",
+        bf16=args.bf16, fp16=args.fp16, use_cpu=device == "cpu", logging_steps=1, save_strategy="no",
         report_to=[], dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(records),
