@@ -60,7 +60,11 @@ class WithLoss(nn.Module):
         return batch_loss(self.model, batch, self.chunked)
 
 
-def wrap(model, chunked, world):
-    """The module the step calls: the model itself with one process, DDP around WithLoss with more.
-    DDP averages gradients over processes; accumulate_gradients scales that back to a sum."""
+def wrap(model, chunked, world, fsdp=False, bf16=False):
+    """The module the step calls: the model itself with one process, DDP around WithLoss with more;
+    with fsdp the model itself, sharded in place (fsdp.py; make the optimizer after this).
+    DDP and FSDP average gradients over processes; accumulate_gradients scales that back to a sum."""
+    if fsdp:
+        from minisft import fsdp as fsdp_
+        return fsdp_.shard(model, bf16)
     return nn.parallel.DistributedDataParallel(WithLoss(model, chunked)) if world > 1 else model

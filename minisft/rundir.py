@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 
-from minisft import chat_template
+from minisft import chat_template, fsdp
 from minisft.checkpoint import (list_checkpoints, load_checkpoint, load_weights, read_state, remove_partial,
                                 save_checkpoint, save_weights, truncate_jsonl)
 from minisft.config import TRAJECTORY_KEYS, flag
@@ -148,7 +148,11 @@ class RunFolder:
         The settings that decide the trajectory (config.TRAJECTORY_KEYS) and the number of
         processes must be those of the checkpoint: else the resumed half would be another run."""
         ckpt = list_checkpoints(self.ckpt_dir)[-1]
-        saved = load_checkpoint(ckpt, model, optimizer)
+        if fsdp.is_sharded(model):  # every process reads its own shard and RNG states
+            saved = read_state(ckpt)
+            fsdp.load_checkpoint(ckpt, model, optimizer, saved)
+        else:
+            saved = load_checkpoint(ckpt, model, optimizer)
         # A setting newer than the checkpoint is missing from it: the run had that setting's default.
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         for k in TRAJECTORY_KEYS:
@@ -174,6 +178,8 @@ class RunFolder:
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     def save_checkpoint(self, model, optimizer, state, keep):
+        if fsdp.is_sharded(model):  # every process writes its shard
+            return fsdp.save_checkpoint(self.ckpt_dir, model, optimizer, state, keep)
         return save_checkpoint(self.ckpt_dir, model, optimizer, state, keep) if self.main else None
 
     def save_best(self, model):

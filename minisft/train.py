@@ -36,7 +36,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from minisft import chat_template, cli, console, conversations, data, distributed, fast, schedule
+from minisft import chat_template, cli, console, conversations, data, distributed, fast, fsdp, schedule
 from minisft.checkpoint import list_checkpoints
 from minisft.config import TrainConfig, check_config  # noqa: F401
 from minisft.data import to_device  # noqa: F401  (part of this module's API since lesson 4)
@@ -286,7 +286,8 @@ def save_final(run, model, tokenizer, template, cfg, state, log):
     """final/: the fine-tuned model; with early stopping the best weights, not the last -> its path."""
     if cfg.patience and run.load_best(model):
         log(f"final/ holds the weights of step {state['best_step']} (best val loss {state['best_val_loss']:.4f})")
-    return run.save_final(model, tokenizer, template, cfg.model)
+    model = fsdp.full_model(model, cfg) if cfg.fsdp else model  # every process gathers; rank 0 writes
+    return run.save_final(model, tokenizer, template, cfg.model) if run.main else None
 
 
 def train(cfg):
@@ -315,8 +316,8 @@ def train(cfg):
                                 rank, world, packed=cfg.packing)
     steps_per_epoch = batches.steps_per_epoch
     total_steps, warmup, lr_at = plan_schedule(cfg, steps_per_epoch)
+    runner = distributed.wrap(model, cfg.chunked_loss, world, cfg.fsdp, use_bf16)  # before AdamW: FSDP swaps the params
     optimizer = make_optimizer(model, cfg, lr_at(0), torch.device(device).type)
-    runner = distributed.wrap(model, cfg.chunked_loss, world)
 
     state = new_state()
     run = RunFolder(cfg.out, main_proc, log)
@@ -377,7 +378,7 @@ def train(cfg):
             state.pop("updating", None)
 
         # ---- the end: final model, plots ------------------------------------------------------
-        final_dir = None if interrupted or not main_proc else save_final(run, model, tokenizer, template, cfg, state, log)
+        final_dir = None if interrupted else save_final(run, model, tokenizer, template, cfg, state, log)
         run.refresh_plots()
         distributed.barrier(world)
     last_loss = run.last_loss() if main_proc else None
