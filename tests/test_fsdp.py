@@ -173,3 +173,23 @@ def test_fsdp_resume_with_a_missing_shard_is_a_one_line_error(runs, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert lines and "__1_0.distcp is missing (process 1's part of a checkpoint written by 2 processes)" in lines[0]
     assert (out / "metrics.jsonl").read_text() == before  # nothing overwritten
+
+
+def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(runs, tmp_path):
+    """LoRA's adapters are sharded with their blocks; checkpointing reruns a block, gathered again.
+    Both together give one process's losses and adapter weights; final/ is a peft adapter folder."""
+    lora = ["--lora-r", "4", "--grad-checkpointing", "--max-steps", "2", "--save-every", "0", "--sample-every", "0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert T.main(runs["common"] + lora + ["--batch-size", "4", "--out", one]) == 0
+    finally:
+        torch.set_num_threads(old)
+    r = torchrun(runs["common"] + lora + ["--fsdp", "--out", two])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for x, y in zip(metrics(one), metrics(two), strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+    a, b = (load_file(os.path.join(o, "final", "adapter_model.safetensors")) for o in (one, two))
+    assert set(a) == set(b) and a
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
