@@ -193,3 +193,27 @@ def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(runs, t
     a, b = (load_file(os.path.join(o, "final", "adapter_model.safetensors")) for o in (one, two))
     assert set(a) == set(b) and a
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_two_nodes_on_localhost_match_one_node(runs, tmp_path):
+    """torchrun --nnodes 2: two launchers (here both on 127.0.0.1), one process each, give the run
+    that 2 processes on one node gave."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "nodes")
+    launchers = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "minisft.train", *runs["common"], "--fsdp", "--out", out]
+        launchers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=dict(os.environ, OMP_NUM_THREADS="1")))
+    results = [p.communicate(timeout=300) for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    for x, y in zip(metrics(runs["out"]["fsdp"]), metrics(out), strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert abs(x.get(key, 0) - y.get(key, 0)) < 1e-6
+    a, b = weights(runs["out"]["fsdp"]), weights(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
