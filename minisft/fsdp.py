@@ -37,6 +37,7 @@ per process and a .metadata), rng_R.pt per process and state.json. --resume read
 same number of processes, bit for bit on the CPU. final/ is an ordinary Hugging Face folder: the full
 state dict is gathered (in CPU memory, on rank 0) and written by weights.save_pretrained.
 """
+import json
 import os
 import shutil
 
@@ -103,7 +104,7 @@ def _state_dicts(model, optimizer):
 def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
     """Every process: write ckpt_dir/step_N (N = state["step"]) -> its path. Built in a temporary
     folder that rank 0 renames into place once every process has written its shard."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     final = os.path.join(ckpt_dir, f"step_{state['step']:06d}")
     tmp = os.path.join(ckpt_dir, f".tmp-step_{state['step']:06d}-fsdp")
     if os.path.isdir(final):
@@ -116,7 +117,6 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
         dcp.save(_state_dicts(model, optimizer), checkpoint_id=os.path.join(tmp, "sharded"))
         torch.save(rng_state(), os.path.join(tmp, f"rng_{rank}.pt"))
         if rank == 0:
-            import json
             with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=1)
                 f.write("\n")
