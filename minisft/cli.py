@@ -44,6 +44,7 @@ HELP = {
     "max_examples": "train on the first N conversations only",
     "freeze_embeddings": "train only the chat tokens' embedding rows (text tokens keep their pretrained rows)",
     "freeze_top_mlps": "keep the MLPs of the last N decoder blocks as pretraining left them (0 = none)",
+    "fsdp": "under torchrun: shard weights, gradients and AdamW state over the processes (FSDP2)",
     "grad_checkpointing": "recompute each block's activations in backward (less memory, ~1/3 more time)",
     "compile": "torch.compile the model's forward, micro-batch lengths padded to powers of two (off: not yet measured on a GPU)",
     "fast": "apply the speed layer minisft/fast/ (--no-fast: train model.py's plain modules as written)",

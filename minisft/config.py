@@ -83,6 +83,7 @@ class TrainConfig:
     chunked_loss: bool = True  # loss from hidden states, chunk by chunk (never the full logits)
     grad_checkpointing: bool = False  # keep only each block's input for backward; recompute the rest
     compile: bool = False  # torch.compile the forward, lengths bucketed (compiled.py); off until measured on a GPU
+    fsdp: bool = False  # shard weights, gradients and AdamW state over the torchrun processes (fsdp.py)
     fast: bool = True  # the speed layer (minisft/fast/): the same numbers, less memory and time; off: model.py as written
     stop_after_step: int | None = None  # behave as if Ctrl-C was pressed after this many steps (tests, demos)
 
@@ -182,6 +183,9 @@ def check_config(cfg):
         raise bad("train_on", f"one of {', '.join(chat_template.TRAIN_ON)}")
     if cfg.stop_after_step is not None and cfg.stop_after_step < 1:
         raise bad("stop_after_step", "an integer >= 1")
+    if cfg.fsdp:
+        from minisft import fsdp
+        fsdp.check(cfg)
     if cfg.device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise bad("device", "a device this machine has (torch sees no CUDA GPU)")
     if cfg.device == "mps" and not torch.backends.mps.is_available():

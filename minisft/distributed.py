@@ -60,7 +60,14 @@ class WithLoss(nn.Module):
         return batch_loss(self.model, batch, self.chunked)
 
 
-def wrap(model, chunked, world):
-    """The module the step calls: the model itself with one process, DDP around WithLoss with more.
-    DDP averages gradients over processes; accumulate_gradients scales that back to a sum."""
+def wrap(model, chunked, world, fsdp=False, prec=None):
+    """The module the step calls: the model itself with one process, DDP around WithLoss with more;
+    with fsdp the model itself, sharded in place (fsdp.py; make the optimizer after this), computing
+    in prec's dtype (precision.py).
+    DDP and FSDP average gradients over processes; accumulate_gradients scales that back to a sum."""
+    if fsdp:
+        from minisft import fsdp as fsdp_
+        if prec is not None and prec.scaled:  # GradScaler would have to unscale sharded gradients
+            raise ValueError("--fsdp with --dtype float16 (loss scaling) is not supported: use bfloat16 or float32")
+        return fsdp_.shard(model, prec is not None and prec.dtype == torch.bfloat16)
     return nn.parallel.DistributedDataParallel(WithLoss(model, chunked)) if world > 1 else model

@@ -2,6 +2,7 @@
 
     python -m minisft.memory --model M --batch-size 2 --max-length 2048 [--lora-r 8] [--lora-targets all-linear]
                              [--lora-dropout 0.05] [--grad-checkpointing] [--dtype bfloat16|float32] [--json]
+                             [--world-size N --fsdp]      # per process, the model sharded over N (fsdp.py)
 
 Read with lesson 11 (speed and memory). A training step holds six things at once:
 
@@ -31,6 +32,15 @@ every position is made a target (the most the loss can keep). The parts are simp
 run's peak sits a little above this count (a short-lived buffer not counted here; docs/memory.md has
 the measurement), so leave a GB of room. CUDA's own context (a few hundred MB) is in neither.
 
+With --fsdp over --world-size N processes (fsdp.py) each process keeps 1/N of every parameter (its
+rows, dim 0, padded to a multiple of N), so weights, gradients and optimizer are divided by N; the
+activations, loss and transient are not (each process runs whole micro-batches). A seventh part comes in:
+  gathered     what FSDP all-gathers for a moment: the root's full weights (embedding, lm_head, final
+               norm, held from the forward to the end of the backward), two blocks' full weights (the
+               one running and the next, prefetched), in bf16 with --dtype bfloat16, and one block's full
+               float32 gradient before it is reduce-scattered.
+Without --fsdp, N processes (DDP) each hold all of it: --world-size changes nothing.
+
 Sizes are printed in GB = 10^9 bytes.
 
 Shapes: B batch, T sequence length, D hidden size, V vocab size, N = B*(T-1) target tokens.
@@ -54,7 +64,7 @@ GB = 1e9
 COUNT_LENGTH = 128  # longer sequences are counted at this length and half of it, then extrapolated
 LOSS_COUNT_LENGTH = 16  # the same for the loss part
 LOSS_CHUNK = 1024  # chunked_cross_entropy's default chunk_size
-PARTS = ("weights", "gradients", "optimizer", "activations", "loss", "transient")
+PARTS = ("weights", "gradients", "optimizer", "activations", "loss", "transient", "gathered")
 
 
 def read_config(model):
@@ -101,6 +111,24 @@ def state_bytes(model):
             "optimizer": sum(2 * p.numel() * p.element_size() + 4 for p in trainable),
             "n_params": sum(p.numel() for p in params),
             "n_trainable": sum(p.numel() for p in trainable)}
+
+
+def sharded_bytes(model, world, bf16):
+    """FSDP over `world` processes -> weights, gradients, optimizer and gathered bytes of ONE process.
+    `model`: as build() gives it (shapes only is enough)."""
+    def rows(p):  # this process's share of p: ceil(rows / world) rows (fully_shard pads dim 0)
+        return -(-p.shape[0] // world) * (p.numel() // max(p.shape[0], 1)) if p.dim() else p.numel()
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    block = list(model.model.layers[0].parameters())
+    in_blocks = {id(p) for b in model.model.layers for p in b.parameters()}
+    root = sum(p.numel() for p in params if id(p) not in in_blocks)
+    compute = 2 if bf16 else 4
+    return {"weights": sum(rows(p) * p.element_size() for p in params),
+            "gradients": sum(rows(p) * p.element_size() for p in trainable),
+            "optimizer": sum(2 * rows(p) * p.element_size() + 4 for p in trainable),
+            "gathered": (root + 2 * sum(p.numel() for p in block)) * compute
+            + 4 * sum(p.numel() for p in block if p.requires_grad)}
 
 
 @contextlib.contextmanager
@@ -223,11 +251,13 @@ def loss_transient_bytes(cfg, batch, length, bf16, weight_dtype, weight_trains=T
 
 
 def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear", grad_checkpointing=False,
-             dtype="bfloat16", lora_dropout=0.0):
+             dtype="bfloat16", lora_dropout=0.0, world_size=1, fsdp=False):
     """-> dict: each part of PARTS in bytes, total, counts and settings. `model`: folder, Hub id or config.json."""
     for flag, value, least in (("batch-size", batch_size, 1), ("max-length", max_length, 2), ("lora-r", lora_r, 0)):
         if value < least:
             raise ValueError(f"--{flag} {value}: expected an integer >= {least}")
+    if world_size < 1:
+        raise ValueError(f"--world-size {world_size}: expected an integer >= 1")
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype {dtype!r}: expected bfloat16 or float32")
     if not 0 <= lora_dropout < 1:
@@ -236,7 +266,9 @@ def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear",
     length = min(max_length, cfg.max_position_embeddings)  # train.py cuts --max-length the same way
     bf16 = dtype == "bfloat16"
     full = build(cfg, lora_r, lora_targets, bf16, device="meta")  # shapes only, no memory
-    parts = state_bytes(full)
+    parts = dict(state_bytes(full), gathered=0)
+    if fsdp:
+        parts.update(sharded_bytes(full, world_size, bf16))
     acts = activation_bytes(cfg, batch_size, length, bf16, lora_r, lora_targets, grad_checkpointing)
     masks = dropout_mask_bytes(full, batch_size * length) if lora_r and lora_dropout else {"all": 0, "block": 0}
     # Checkpointing: a block's masks live only while that block runs again, like the rest of it.
@@ -254,16 +286,17 @@ def estimate(model, batch_size, max_length, lora_r=0, lora_targets="all-linear",
             f"counted on the CPU, not measured on a GPU")
     return dict(parts, total=total, layers=cfg.num_hidden_layers, batch_size=batch_size, max_length=length,
                 lora_r=lora_r, lora_targets=lora_targets if lora_r else None, grad_checkpointing=grad_checkpointing,
-                dtype=dtype, lora_dropout=lora_dropout if lora_r else 0.0, note=note)
+                dtype=dtype, lora_dropout=lora_dropout if lora_r else 0.0, world_size=world_size, fsdp=fsdp, note=note)
 
 
 def format_report(est):
     what = (f"LoRA r {est['lora_r']} ({est['lora_targets']}{', dropout ' + str(est['lora_dropout']) if est['lora_dropout'] else ''})"
             if est["lora_r"] else "full fine-tuning")
     lines = [f"{what}, batch {est['batch_size']} x {est['max_length']} tokens, {est['dtype']}"
-             f"{', activation checkpointing' if est['grad_checkpointing'] else ''}",
+             f"{', activation checkpointing' if est['grad_checkpointing'] else ''}"
+             f"{', FSDP over ' + str(est['world_size']) + ' processes, per process' if est['fsdp'] else ''}",
              f"parameters {est['n_params']:,}, trainable {est['n_trainable']:,}"]
-    for part in PARTS:
+    for part in PARTS if est["fsdp"] else PARTS[:-1]:
         lines.append(f"  {part:<12} {est[part] / GB:8.2f} GB")
     lines += [f"  {'total':<12} {est['total'] / GB:8.2f} GB", f"note: {est['note']}"]
     return "\n".join(lines)
@@ -279,11 +312,13 @@ def main(argv=None):
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout: its masks are kept for backward")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (autocast, as on a GPU) | float32")
+    p.add_argument("--world-size", type=int, default=1, help="processes (GPUs); with --fsdp the count is per process")
+    p.add_argument("--fsdp", action="store_true", help="weights, gradients and AdamW state sharded over --world-size")
     p.add_argument("--json", action="store_true", help="end with one JSON line (sizes in GB)")
     args = p.parse_args(argv)
     try:
         est = estimate(args.model, args.batch_size, args.max_length, args.lora_r, args.lora_targets,
-                       args.grad_checkpointing, args.dtype, args.lora_dropout)
+                       args.grad_checkpointing, args.dtype, args.lora_dropout, args.world_size, args.fsdp)
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -291,7 +326,8 @@ def main(argv=None):
     if args.json:
         out = {f"{k}_gb": round(est[k] / GB, 4) for k in (*PARTS, "total")}
         out.update({k: est[k] for k in ("n_params", "n_trainable", "layers", "batch_size", "max_length", "lora_r",
-                                        "lora_targets", "lora_dropout", "grad_checkpointing", "dtype")})
+                                        "lora_targets", "lora_dropout", "grad_checkpointing", "dtype",
+                                        "world_size", "fsdp")})
         print(json.dumps(out))
     return 0
 

@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 
-from minisft import chat_template, distributed
+from minisft import chat_template, distributed, fsdp
 from minisft.checkpoint import (list_checkpoints, load_checkpoint, load_weights, read_state, remove_partial,
                                 save_checkpoint, save_weights, truncate_jsonl)
 from minisft.config import TRAJECTORY_KEYS, flag
@@ -151,7 +151,11 @@ class RunFolder:
         The settings that decide the trajectory (config.TRAJECTORY_KEYS) and the number of
         processes must be those of the checkpoint: else the resumed half would be another run."""
         ckpt = list_checkpoints(self.ckpt_dir)[-1]
-        saved = load_checkpoint(ckpt, model, optimizer)
+        if fsdp.is_sharded(model):  # every process reads its own shard and RNG states
+            saved = read_state(ckpt)
+            fsdp.load_checkpoint(ckpt, model, optimizer, saved)
+        else:
+            saved = load_checkpoint(ckpt, model, optimizer)
         # A setting newer than the checkpoint is missing from it: the run had that setting's default.
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         for k in TRAJECTORY_KEYS:
@@ -177,6 +181,8 @@ class RunFolder:
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     def save_checkpoint(self, model, optimizer, state, keep):
+        if fsdp.is_sharded(model):  # every process writes its shard
+            return fsdp.save_checkpoint(self.ckpt_dir, model, optimizer, state, keep)
         return save_checkpoint(self.ckpt_dir, model, optimizer, state, keep) if self.main else None
 
     def save_best(self, model):
@@ -301,4 +307,5 @@ def save_final(run, model, tokenizer, template, cfg, state, log):
     """final/: the fine-tuned model; with early stopping the best weights, not the last -> its path."""
     if cfg.patience and run.load_best(model):
         log(f"final/ holds the weights of step {state['best_step']} (best val loss {state['best_val_loss']:.4f})")
-    return run.save_final(model, tokenizer, template, cfg.model)
+    model = fsdp.full_model(model, cfg) if cfg.fsdp else model  # every process gathers; rank 0 writes
+    return run.save_final(model, tokenizer, template, cfg.model) if run.main else None

@@ -298,8 +298,8 @@ def train(cfg):
                                 rank, world, packed=cfg.packing)
     steps_per_epoch = batches.steps_per_epoch
     total_steps, warmup, lr_at = plan_schedule(cfg, steps_per_epoch)
+    runner = distributed.wrap(model, cfg.chunked_loss, world, cfg.fsdp, prec)  # before AdamW: FSDP swaps the params
     optimizer = make_optimizer(model, cfg, lr_at(0), torch.device(device).type)
-    runner = distributed.wrap(model, cfg.chunked_loss, world)
 
     state = new_state()
     run = RunFolder(cfg.out, main_proc, log)
@@ -364,7 +364,7 @@ def train(cfg):
             state.pop("updating", None)
 
         # ---- the end: final model, plots ------------------------------------------------------
-        final_dir = None if interrupted or not main_proc else save_final(run, model, tokenizer, template, cfg, state, log)
+        final_dir = None if interrupted else save_final(run, model, tokenizer, template, cfg, state, log)
         run.refresh_plots()
         distributed.barrier(world)
     last_loss = run.last_loss() if main_proc else None

@@ -63,7 +63,7 @@ def repetition_loop(ids, min_repeats=3, min_span=8):
     return False
 
 
-def sample_answers(model, tokenizer, prompts, step, max_new_tokens, autocast=nullcontext):
+def sample_answers(model, tokenizer, prompts, step, max_new_tokens, autocast=nullcontext, log=print):
     """Greedy answers to the fixed prompts, checked for format and loops -> one record per prompt.
     prompts: (question, rendered prompt text) pairs, as data.sample_prompt gives them."""
     ids = [tokenizer.encode(text) for _, text in prompts]
@@ -78,7 +78,7 @@ def sample_answers(model, tokenizer, prompts, step, max_new_tokens, autocast=nul
                         "answer": tokenizer.decode(new), "n_tokens": len(new),
                         "ends_with_im_end": ok_end, "repetition": loop})
         flags = ("ok" if ok_end else "no <|im_end|>") + (", repeats itself" if loop else "")
-        print(f"  sample {i} [{flags}]: {tokenizer.decode(new)[:160]!r}", flush=True)
+        log(f"  sample {i} [{flags}]: {tokenizer.decode(new)[:160]!r}", flush=True)
     return records
 
 
@@ -94,6 +94,9 @@ class Watch:
         self.cfg, self.model, self.tokenizer, self.template = cfg, model, tokenizer, template
         self.val_examples, self.prompts = val_examples, prompts
         self.device, self.autocast, self.rank, self.world, self.log = device, autocast, rank, world, log
+        if cfg.fsdp and val_examples:
+            from minisft import fsdp
+            fsdp.check_divides(-(-len(val_examples) // cfg.batch_size), world)
 
     def after_step(self, state, step, loss, n_targets, last):
         """Look at the run after optimizer step `step` (0-based; its train loss and target count).
@@ -106,9 +109,10 @@ class Watch:
         state["train_since_eval"] = [s + loss * n_targets, n + n_targets]
         if self.val_examples and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
             report.update(self._evaluate(state, step))
-        if self.prompts and self.rank == 0 and (done % cfg.sample_every == 0 or last):
+        # Under --fsdp every forward is a collective: every process generates, rank 0's are kept.
+        if self.prompts and (self.rank == 0 or cfg.fsdp) and (done % cfg.sample_every == 0 or last):
             report["samples"] = sample_answers(self.model, self.tokenizer, self.prompts, step, cfg.sample_tokens,
-                                               self.autocast)
+                                               self.autocast, self.log)
         return report
 
     def _evaluate(self, state, step):

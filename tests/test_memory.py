@@ -154,3 +154,26 @@ def test_smollm3_3b_lora_with_checkpointing_fits_in_16_gb():
     est = memory.estimate(str(path), 2, 2048, lora_r=8, grad_checkpointing=True, dtype="bfloat16")
     assert est["weights"] > 6e9  # 3B frozen parameters in bf16 are in it
     assert est["total"] < 16e9, memory.format_report(est)
+
+
+def test_fsdp_divides_weights_gradients_and_adamw_but_not_activations():
+    """--world-size 4 --fsdp: each process keeps its dim-0 rows of every parameter (padded to 4);
+    activations, loss and transient stay whole; the gathered block and root come in. Without
+    --fsdp (DDP) the world size changes nothing."""
+    config_json = os.path.join(DEFAULT_MODEL, "config.json")
+    one = memory.estimate(config_json, 2, 64)
+    four = memory.estimate(config_json, 2, 64, world_size=4, fsdp=True)
+    ddp = memory.estimate(config_json, 2, 64, world_size=4)
+    model = memory.build(memory.read_config(config_json), device="meta")
+    rows = sum(-(-p.shape[0] // 4) * (p.numel() // p.shape[0]) for p in model.parameters())
+    assert four["weights"] == four["gradients"] == 4 * rows
+    assert four["optimizer"] == 8 * rows + 4 * len(list(model.parameters()))
+    assert one["weights"] / 4 <= four["weights"] < one["weights"] / 4 * 1.05
+    for part in ("activations", "loss", "transient"):
+        assert four[part] == one[part]
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    root = model.num_parameters() - block * len(model.model.layers)
+    assert four["gathered"] == 2 * (root + 2 * block) + 4 * block  # bf16 root + 2 blocks, a block's f32 grads
+    assert one["gathered"] == 0 and four["total"] < one["total"]
+    assert {k: ddp[k] for k in memory.PARTS} == {k: one[k] for k in memory.PARTS}
+    assert memory.main(["--model", config_json, "--world-size", "0", "--fsdp"]) == 2

@@ -1,0 +1,219 @@
+"""--fsdp (minisft/fsdp.py): 2 CPU processes (gloo) with FSDP2 against 1 process and against DDP.
+
+One module-scoped fixture runs the trainer a few times under torchrun on a tiny model; the tests
+compare what those runs wrote: losses, gradient norms, final weights, a resumed run, final/ for
+transformers, and the one-line errors of bad input.
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minisft import train as T
+from minisft.default_model import train_tokenizer, write_model
+from minisft.model import ModelConfig, SmolLM
+from minisft.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the river ladder was built by a clever person in the north of an old city near water".split()
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def write_jsonl(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            extra = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12)))  # uneven lengths
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}? {extra}".strip()},
+                                             {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}) + "\n")
+    return str(path)
+
+
+def tiny_model(d):
+    corpus = d / "corpus.txt"
+    rng = random.Random(0)
+    corpus.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(20)) + f" {i} + {i} = {2 * i}."
+                                  for i in range(200)), encoding="utf-8")
+    tok = Tokenizer(train_tokenizer(str(corpus), vocab_size=300),
+                    {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                      bos_token_id=tok.im_start_id, eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    write_model(SmolLM(cfg), tok, str(d / "model"), dtype=torch.float32)
+    return str(d / "model")
+
+
+def torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "minisft.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """1 process, DDP on 2, --fsdp on 2, and --fsdp on 2 stopped after step 2 then resumed."""
+    d = tmp_path_factory.mktemp("fsdp")
+    model = tiny_model(d)
+    common = ["--model", model, "--data", write_jsonl(d / "train.jsonl", 32, 1),
+              "--val-data", write_jsonl(d / "val.jsonl", 8, 2), "--batch-size", "2", "--grad-accum", "2",
+              "--lr", "3e-3", "--max-steps", "4", "--eval-every", "2", "--sample-every", "2", "--num-samples", "1",
+              "--sample-tokens", "4", "--plot-every", "0", "--save-every", "2", "--device", "cpu"]
+    out = {k: str(d / k) for k in ("one", "ddp", "fsdp", "resumed")}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = ["--batch-size", "4"]  # 1 process: 4 x 2 examples per step, as 2 processes with 2 x 2 each
+        assert T.main(common + one + ["--out", out["one"]]) == 0
+    finally:
+        torch.set_num_threads(old)
+    results = {"model": model, "common": common, "out": out, "dir": d}
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"]), ("resumed", ["--fsdp", "--stop-after-step", "2"])):
+        r = torchrun(common + extra + ["--out", out[name]])
+        if name == "resumed":  # a child's exit code 130 (interrupted) is torchrun's 1
+            assert r.returncode != 0 and "interrupted after 2 steps" in r.stdout, r.stderr[-3000:]
+        else:
+            assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(["--out", out["resumed"], "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return results
+
+
+def weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def test_fsdp_matches_one_process_and_ddp(runs):
+    """Same target tokens, losses, gradient norms, validation losses and final weights, to float tolerance."""
+    one, ddp, fs = (metrics(runs["out"][k]) for k in ("one", "ddp", "fsdp"))
+    assert len(one) == len(fs) == 4
+    assert [x["tokens"] for x in one] == [x["tokens"] for x in ddp] == [x["tokens"] for x in fs]
+    for ref in (one, ddp):
+        for x, y in zip(ref, fs):
+            for key in ("loss", "grad_norm", "val_loss"):
+                assert abs(x.get(key, 0) - y.get(key, 0)) < 1e-5, (key, x, y)
+    w_one, w_ddp, w_fs = (weights(runs["out"][k]) for k in ("one", "ddp", "fsdp"))
+    assert set(w_fs) == set(w_one)
+    for k in w_one:
+        assert w_fs[k].dtype == torch.float32 and w_fs[k].shape == w_one[k].shape
+        assert torch.allclose(w_fs[k], w_one[k], atol=1e-5) and torch.allclose(w_fs[k], w_ddp[k], atol=1e-5)
+    first = load_file(os.path.join(runs["model"], "model.safetensors"))
+    assert any(not torch.equal(first[k], w_fs[k]) for k in w_fs)  # it trained
+
+
+def test_fsdp_checkpoint_is_sharded_per_process(runs):
+    ckpt = Path(runs["out"]["fsdp"]) / "checkpoints" / "step_000004"
+    names = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    assert names == ["rng_0.pt", "rng_1.pt", "sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp",
+                     "state.json"]
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+
+
+def test_fsdp_resume_is_exact(runs):
+    """Stopped after step 2, resumed: the same metrics and bit-identical final weights as the run
+    that never stopped."""
+    full, resumed = metrics(runs["out"]["fsdp"]), metrics(runs["out"]["resumed"])
+    drop = set(T.TIMING_KEYS)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in full] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in resumed]
+    a, b = weights(runs["out"]["fsdp"]), weights(runs["out"]["resumed"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_final_loads_in_transformers(runs):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(runs["out"]["fsdp"], "final"))
+    w = weights(runs["out"]["fsdp"])
+    hf_sd = hf.state_dict()
+    assert all(torch.equal(hf_sd[k], w[k]) for k in w)
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "no"
+    assert T.main(runs["common"] + ["--fsdp", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fsdp shards the model over processes that torchrun starts") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_fsdp_uneven_validation_batches_is_a_one_line_error(runs, tmp_path):
+    """8 validation examples in batches of 3 make 3 batches: 2 processes cannot take as many each."""
+    out = tmp_path / "uneven"
+    r = torchrun(runs["common"] + ["--fsdp", "--batch-size", "3", "--out", str(out)])
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert lines and lines[0].startswith("error: --fsdp with 2 processes: the validation set makes 3 batches")
+    assert "not a multiple of 2" in lines[0]
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_fsdp_resume_with_a_missing_shard_is_a_one_line_error(runs, tmp_path):
+    out = tmp_path / "broken"
+    shutil.copytree(runs["out"]["fsdp"], out)
+    before = (out / "metrics.jsonl").read_text()
+    (out / "checkpoints" / "step_000004" / "sharded" / "__1_0.distcp").unlink()
+    r = torchrun(["--out", str(out), "--resume"])
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert lines and "__1_0.distcp is missing (process 1's part of a checkpoint written by 2 processes)" in lines[0]
+    assert (out / "metrics.jsonl").read_text() == before  # nothing overwritten
+
+
+def test_fsdp_with_lora_and_activation_checkpointing_matches_one_process(runs, tmp_path):
+    """LoRA's adapters are sharded with their blocks; checkpointing reruns a block, gathered again.
+    Both together give one process's losses and adapter weights; final/ is a peft adapter folder."""
+    lora = ["--lora-r", "4", "--grad-checkpointing", "--max-steps", "2", "--save-every", "0", "--sample-every", "0"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert T.main(runs["common"] + lora + ["--batch-size", "4", "--out", one]) == 0
+    finally:
+        torch.set_num_threads(old)
+    r = torchrun(runs["common"] + lora + ["--fsdp", "--out", two])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for x, y in zip(metrics(one), metrics(two), strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+    a, b = (load_file(os.path.join(o, "final", "adapter_model.safetensors")) for o in (one, two))
+    assert set(a) == set(b) and a
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_two_nodes_on_localhost_match_one_node(runs, tmp_path):
+    """torchrun --nnodes 2: two launchers (here both on 127.0.0.1), one process each, give the run
+    that 2 processes on one node gave."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "nodes")
+    launchers = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "minisft.train", *runs["common"], "--fsdp", "--out", out]
+        launchers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=dict(os.environ, OMP_NUM_THREADS="1")))
+    results = [p.communicate(timeout=300) for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    for x, y in zip(metrics(runs["out"]["fsdp"]), metrics(out), strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert abs(x.get(key, 0) - y.get(key, 0)) < 1e-6
+    a, b = weights(runs["out"]["fsdp"]), weights(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
