@@ -244,6 +244,15 @@ def pick_template(cfg, tokenizer):
                          f"format to train with --template ({', '.join(chat_template.TEMPLATES)})") from None
 
 
+def step_batches(cfg, examples, pad_id, rank, world):
+    """-> (batches(step): this process's micro-batches of that step, micro-batch size, global batch size).
+    With --packing each example is already one micro-batch (a packed row)."""
+    micro = 1 if cfg.packing else cfg.batch_size
+    global_batch = micro * cfg.grad_accum * world
+    return data.step_batches(examples, global_batch, micro, cfg.seed, pad_id, cfg.group_by_length, rank, world,
+                             packed=cfg.packing), micro, global_batch
+
+
 def new_state():
     """Where the run stands: everything a checkpoint must carry besides tensors."""
     return {"step": 0, "best_val_loss": None, "best_step": None, "bad_evals": 0, "gaps": [],
@@ -292,10 +301,7 @@ def train(cfg):
     template = pick_template(cfg, tokenizer)
     tokenizer.check_fits(model.config.vocab_size, cfg.model, needs=("<|im_start|>", "<|im_end|>"))
     examples, val_examples, prompts, info = load_data(cfg, model, tokenizer, template, log)
-    micro = 1 if cfg.packing else cfg.batch_size  # packed: one unit = one micro-batch
-    global_batch = micro * cfg.grad_accum * world
-    batches = data.step_batches(examples, global_batch, micro, cfg.seed, tokenizer.pad_id, cfg.group_by_length,
-                                rank, world, packed=cfg.packing)
+    batches, micro, global_batch = step_batches(cfg, examples, tokenizer.pad_id, rank, world)
     steps_per_epoch = batches.steps_per_epoch
     total_steps, warmup, lr_at = plan_schedule(cfg, steps_per_epoch)
     runner = distributed.wrap(model, cfg.chunked_loss, world, cfg.fsdp, prec)  # before AdamW: FSDP swaps the params
