@@ -6,7 +6,6 @@ transformers, and the one-line errors of bad input.
 """
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,40 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from minisft import train as T
-from minisft.default_model import train_tokenizer, write_model
-from minisft.model import ModelConfig, SmolLM
-from minisft.tokenizer import Tokenizer
+from test_train import tiny_model as tiny_model_files, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = "the river ladder was built by a clever person in the north of an old city near water".split()
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-def write_jsonl(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w", encoding="utf-8") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 99), rng.randint(0, 99)
-            extra = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 12)))  # uneven lengths
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a} + {b}? {extra}".strip()},
-                                             {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}) + "\n")
-    return str(path)
-
-
-def tiny_model(d):
-    corpus = d / "corpus.txt"
-    rng = random.Random(0)
-    corpus.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(20)) + f" {i} + {i} = {2 * i}."
-                                  for i in range(200)), encoding="utf-8")
-    tok = Tokenizer(train_tokenizer(str(corpus), vocab_size=300),
-                    {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                      bos_token_id=tok.im_start_id, eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id)
-    torch.manual_seed(0)
-    write_model(SmolLM(cfg), tok, str(d / "model"), dtype=torch.float32)
-    return str(d / "model")
 
 
 def torchrun(args, nproc=2):
@@ -69,7 +39,7 @@ def metrics(out):
 def runs(tmp_path_factory):
     """1 process, DDP on 2, --fsdp on 2, and --fsdp on 2 stopped after step 2 then resumed."""
     d = tmp_path_factory.mktemp("fsdp")
-    model = tiny_model(d)
+    model = tiny_model_files(d)[0]
     common = ["--model", model, "--data", write_jsonl(d / "train.jsonl", 32, 1),
               "--val-data", write_jsonl(d / "val.jsonl", 8, 2), "--batch-size", "2", "--grad-accum", "2",
               "--lr", "3e-3", "--max-steps", "4", "--eval-every", "2", "--sample-every", "2", "--num-samples", "1",

@@ -43,10 +43,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random SmolLM (hidden 32, 2 layers, vocab 300) in Hugging Face layout + jsonl data."""
-    d = tmp_path_factory.mktemp("tiny")
+def tiny_model(d):
+    """A tiny random SmolLM (hidden 32, 2 layers, vocab 300) in Hugging Face layout under d/model
+    -> (its folder, tokenizer, config)."""
     corpus = d / "corpus.txt"
     rng = random.Random(0)
     corpus.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(20)) + f" {i} + {i} = {2 * i}."
@@ -58,7 +57,15 @@ def tiny(tmp_path_factory):
                       bos_token_id=tok.im_start_id, eos_token_id=tok.im_end_id, pad_token_id=tok.pad_id)
     torch.manual_seed(0)
     write_model(SmolLM(cfg), tok, str(d / "model"), dtype=torch.float32)
-    return {"model": str(d / "model"), "tok": tok, "cfg": cfg,
+    return str(d / "model"), tok, cfg
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random SmolLM (tiny_model) + jsonl data."""
+    d = tmp_path_factory.mktemp("tiny")
+    model, tok, cfg = tiny_model(d)
+    return {"model": model, "tok": tok, "cfg": cfg,
             "train": write_jsonl(d / "train.jsonl", 48, 1), "val": write_jsonl(d / "val.jsonl", 8, 2)}
 
 
