@@ -253,7 +253,7 @@ def main():
           f"RMSNormFn {f['kept']:,} bytes ({p['kept'] - f['kept']:,} saved: the float32 normalised x)")
     # The same idea across a whole block: NormLinearsFn runs a norm and the Linears that read it (q, k, v;
     # gate, up) without keeping the normalised x; SwiGLUFn keeps gate and up and recomputes the rest.
-    print(f"   one decoder block, float32, bytes kept for backward per token: plain model.py vs fast.apply")
+    print(f"   one decoder block, float32, bytes kept for backward per token: plain ops (model.py) vs minisft (fast.apply)")
     blocks = [(model_name, model.config)]
     if big is not None:
         blocks.append(("SmolLM2-135M", read_config(BIG_CONFIG)))  # random weights: shapes are what count
@@ -262,7 +262,7 @@ def main():
         ours = block_kept_per_token(fast.apply(copy.deepcopy(plain_block)), cfg, MAX_LENGTH)
         plain = block_kept_per_token(plain_block, cfg, MAX_LENGTH)
         D, I = cfg.hidden_size, cfg.intermediate_size
-        print(f"   {name:<16} plain {plain:8,.0f}   fast {ours:8,.0f}   "
+        print(f"   {name:<16} plain ops {plain:8,.0f}   minisft {ours:8,.0f}   "
               f"(keeps {ours / plain:.0%}: 2 norms x 2 x D={D} + 2 x I={I} floats fewer)")
 
     # 6. The plots.

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from minisft import chat, model_card, report
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import tuned_model
+from minisft.recipes import tuned_model
 
 # ---- knobs ---------------------------------------------------------------------------------
 FAST = os.environ.get("MINISFT_FAST", "0") not in ("", "0")

@@ -259,7 +259,7 @@ class SmolLM(nn.Module):
 
     def attn_mask(self, attention_mask, past, T, cache):
         """What every layer's attention is given: build_attn_mask's, built once per forward."""
-        return build_attn_mask(attention_mask, past, T, self.lm_head.weight.device)
+        return build_attn_mask(attention_mask, past, T, self.model.embed_tokens.weight.device)
 
     def hidden_states(self, input_ids, position_ids=None, attention_mask=None, cache=None):
         """input_ids [B, T] -> final normalised hidden states [B, T, D] (before lm_head).

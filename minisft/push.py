@@ -28,9 +28,9 @@ def model_folder(path):
 
 def push(folder, repo_id, private=False, message="Upload with minisft"):
     """create_repo + upload_folder -> the URL of the commit. Errors are raised as RuntimeError with what to do."""
-    from minisft.weights import _hub_offline
+    from minisft.weights import hub_offline
 
-    if _hub_offline():
+    if hub_offline():
         raise RuntimeError("HF_HUB_OFFLINE is set: pushing needs the network (unset it, or set it to 0, and retry)")
     from huggingface_hub import constants, create_repo, get_token, upload_folder
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError

@@ -218,7 +218,7 @@ def page(name, rows, samples, views, base_name, tuned_name):
 def validation_views(run, n):
     """The per-token views of the first n validation conversations of `run` -> (views, base, tuned)."""
     from minisft.chat import label_of, load
-    from minisft.data import load_conversations
+    from minisft.conversations import load_conversations
     from minisft.rundir import saved_config
     from minisft.weights import load_pretrained
 

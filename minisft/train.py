@@ -126,6 +126,8 @@ def sft_step(step, batches, model, runner, optimizer, lr_at, cfg, state, device,
         scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # --fsdp: a DTensor, the same number on every process (fsdp.py)
+        grad_norm = grad_norm.full_tensor()
     sums = [loss_sum, grad_norm.double()] + ([stats["correct"], stats["entropy"]] if stats else [])
     loss_sum, grad_norm, *stat_sums = torch.stack([t.to(loss_sum.device) for t in sums]).tolist()  # one host sync
     loss = distributed.all_reduce_sum([loss_sum], device)[0] / max(n_targets, 1)

@@ -81,7 +81,7 @@ def _hub_cache_dir():
     return constants.HF_HUB_CACHE
 
 
-def _hub_offline():
+def hub_offline():
     from huggingface_hub import constants
     value = os.environ.get("HF_HUB_OFFLINE")
     if value is None:
@@ -115,7 +115,7 @@ def hub_snapshot(repo_id, patterns, complete, how, repo_type=None, local="folder
             return folder
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass  # not in the cache (or only partly): download below
-    if _hub_offline():
+    if hub_offline():
         raise ValueError(f"{repo_id}: no such local {local}, {missing} in the Hugging Face cache ({cache}), "
                          f"and HF_HUB_OFFLINE is set: {how}")
     try:

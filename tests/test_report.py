@@ -12,7 +12,7 @@ import torch
 
 from minisft import report
 from minisft.chat_template import tokenize_conversation
-from minisft.data import load_conversations
+from minisft.conversations import load_conversations
 from minisft.loss import masked_cross_entropy
 from minisft.rundir import saved_config
 from minisft.weights import load_pretrained

@@ -47,11 +47,11 @@ def test_chunked_stats_equal_those_of_the_full_logits(chunk_size, grads):
 
 def test_stats_of_the_unchunked_loss_path(tmp_path):
     from minisft.default_model import DEFAULT_MODEL
-    from minisft import data
+    from minisft import conversations, data
     from minisft.weights import load_pretrained
 
     model, tok = load_pretrained(DEFAULT_MODEL, device="cpu")
-    convs = data.load_conversations(small_val(str(tmp_path), 4))[0]
+    convs = conversations.load_conversations(small_val(str(tmp_path), 4))[0]
     examples = data.build_examples(tok, convs, template="smollm2")[0]
     batch = data.to_device(data.collate(examples, tok.pad_id), "cpu")
     a, b = {}, {}

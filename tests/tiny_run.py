@@ -4,7 +4,7 @@ import os
 
 from minisft.config import TrainConfig
 from minisft.default_model import DEFAULT_MODEL
-from minisft.evaluate import TRAIN_DATA, VAL_DATA
+from minisft.recipes import TRAIN_DATA, VAL_DATA
 
 
 def small_val(folder, n=12):

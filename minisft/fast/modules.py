@@ -67,7 +67,7 @@ class FastBlock(Block):
 class FastSmolLM(SmolLM):
     def attn_mask(self, attention_mask, past, T, cache):
         """Packed rows without a cache, on a CPU: their conversation spans; otherwise model.py's mask."""
-        device = self.lm_head.weight.device
+        device = self.model.embed_tokens.weight.device  # (lm_head may be LoRA-wrapped)
         if (attention_mask is not None and cache is None and attends_per_conversation(device)
                 and not right_padded(attention_mask)):
             spans = conversation_spans(attention_mask)
