@@ -167,12 +167,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target_logit = x.gather(-1, targets[rows, None]).squeeze(-1)  # [c], read before x is overwritten
             # _logsumexp's maths, in place: no second and third [c, V] tensor.
             m = x.max(dim=-1, keepdim=True).values
-            total = x.sub_(m).exp_().sum(dim=-1, keepdim=True)  # x now holds exp(x - m)
+            x.sub_(m)
+            if stats is None:
+                x.exp_()  # x now holds exp(x - m)
+            else:  # the same exp, and sum(exp(x - m) * (x - m)) per row for the entropy
+                ey_y = _exp_rows_(x)
+            total = x.sum(dim=-1, keepdim=True)
             loss += (total.log() + m - target_logit[:, None]).sum()
-            if stats is not None:  # the max and exp(x - m) are at hand: accuracy is a [c] compare, entropy one
-                # more elementwise pass over the chunk (no second matmul, no [c, V] copy)
+            if stats is not None:  # accuracy is a [c] compare; the entropy came with the exp (_exp_rows_)
                 _add(stats, "correct", (target_logit >= m[:, 0]).sum())  # the target is the top logit
-                _add(stats, "entropy", _entropy_rows(x, total).sum())
+                _add(stats, "entropy", (total[:, 0].log() - ey_y / total[:, 0]).sum())
             if not (need_h or need_w):
                 continue
             d = x.div_(total)  # softmax
@@ -205,13 +209,19 @@ def _add(stats, key, value):
     stats[key] = stats[key] + value if key in stats else value
 
 
-def _entropy_rows(e, total, rows=64):
-    """e [c, V] = exp(logits - row max), total [c, 1] its row sums -> entropy of each row's softmax [c].
+def _exp_rows_(y, rows=64):
+    """y [c, V] = logits - row max -> y holds exp(y), in place; returns sum(exp(y) * y) per row [c].
 
-    With p = e / total: H = -sum p log p = log(total) - sum(e log e) / total. The sum runs `rows` rows
-    at a time, so the e log e temporary is [rows, V], not another [c, V]."""
-    s = torch.cat([torch.xlogy(e[i:i + rows], e[i:i + rows]).sum(-1) for i in range(0, e.shape[0], rows)])
-    return total[:, 0].log() - s / total[:, 0]
+    That sum gives the entropy of each row's softmax without a log over [c, V]: with e = exp(y) and
+    p = e / total, H = -sum p log p = log(total) - sum(e * y) / total. `rows` rows at a time, so the
+    temporary e is [rows, V], not another [c, V]."""
+    out = y.new_empty(y.shape[0])
+    for i in range(0, y.shape[0], rows):
+        block = y[i:i + rows]
+        e = block.exp()
+        out[i:i + rows] = torch.linalg.vecdot(e, block)
+        block.copy_(e)
+    return out
 
 
 @torch.no_grad()
