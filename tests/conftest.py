@@ -35,3 +35,15 @@ def templates_dir():
     """../shared/templates: the real SmolLM chat templates (Jinja)."""
     _need_shared(TEMPLATES)
     return TEMPLATES
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (use: pytestmark = pytest.mark.usefixtures("one_thread")). A tiny
+    model gains nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make each
+    step many times slower: one thread keeps such a file fast and steady."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -13,12 +13,7 @@ DATA = os.path.join(os.path.dirname(DEFAULT_MODEL), "sft_train.jsonl")
 MiB = 2 ** 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def config(tmp_path, **kw):

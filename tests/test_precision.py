@@ -9,12 +9,7 @@ from minisft import precision, train as T
 from minisft.default_model import DEFAULT_MODEL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("capability, dtype, scaled", [

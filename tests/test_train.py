@@ -33,14 +33,7 @@ def write_jsonl(path, n, seed):
     return str(path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A model this small gains nothing from threads, and on a busy 2-core machine OpenMP's
-    spinning threads make each step ~50x slower: one thread keeps the file fast and steady."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(d):
