@@ -11,7 +11,7 @@ import torch
 
 from minisft import checkpoint as C, files, train as T
 from minisft.rundir import RunLock
-from test_train import ROOT, config, final_weights, one_thread, read_metrics, tiny  # noqa: F401  (fixtures)
+from test_train import ROOT, config, final_weights, read_metrics, tiny  # noqa: F401  (fixtures)
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 

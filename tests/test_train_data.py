@@ -5,7 +5,7 @@ import pytest
 
 from minisft import train as T
 from test_datasets import CHAT, KWARGS, fake_hub, offline_cache, write_jsonl, write_parquet  # noqa: F401
-from test_train import config, one_thread, read_metrics, tiny  # noqa: F401  (fixtures)
+from test_train import config, read_metrics, tiny  # noqa: F401  (fixtures)
 
 
 def qa(i):

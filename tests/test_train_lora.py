@@ -12,7 +12,7 @@ from minisft import checkpoint as C, data, train as T
 from minisft.lora import add_lora, lora_parameters
 from minisft.model import SmolLM
 from minisft.weights import load_pretrained
-from test_train import ROOT, config, grads_of, micro, one_thread, read_metrics, tiny  # noqa: F401  (fixtures)
+from test_train import ROOT, config, grads_of, micro, read_metrics, tiny  # noqa: F401  (fixtures)
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.1)
 
