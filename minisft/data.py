@@ -36,6 +36,7 @@ import torch
 
 from .chat_template import check_options, render, tokenize_conversation
 from .conversations import MAX_PROBLEMS, RENDERED_ONLY_BY_SMOLLM3
+from .model import right_padded
 
 IGNORE = -100  # label of a position that carries no loss (torch's cross_entropy ignore_index)
 
@@ -359,9 +360,13 @@ def step_batches(examples, global_batch_size, micro_batch_size, seed, pad_id, gr
 
 
 def to_device(batch, device):
-    """Move a collated batch to `device`. An attention mask of all ones (no padding, no packing)
-    is dropped: the model then uses the plain causal mask, which is faster."""
-    plain = bool((batch["attention_mask"] == 1).all())  # checked before the copy: no GPU sync
+    """Move a collated batch to `device` -> the batch there, plus "n_targets" (an int: the loss then
+    finds its N target rows without asking the device how many). A mask of all ones or of right
+    padding only is dropped: the plain causal mask does the same, faster. Both are decided here, on
+    the host: asked of a GPU tensor, each would make the CPU wait for the GPU (a host sync)."""
+    mask = batch["attention_mask"]
+    plain = bool((mask == 1).all()) or right_padded(mask)
+    n_targets = count_targets(batch["labels"])
     if torch.device(device).type == "cuda":
         # Page-locked host memory lets the copy run by DMA while the GPU still works on the last
         # micro-batch (non_blocking); from ordinary memory CUDA first stages it through a pinned buffer.
@@ -370,14 +375,8 @@ def to_device(batch, device):
         batch = {k: v.to(device) for k, v in batch.items()}
     if plain:
         batch["attention_mask"] = None
+    batch["n_targets"] = n_targets
     return batch
-
-
-def iter_steps(examples, global_batch_size, micro_batch_size, seed, epoch, pad_id, group_by_length=False):
-    """Yield, for each optimizer step of one epoch, the list of its collated micro-batches."""
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    for gb in global_batches(lengths, global_batch_size, seed, epoch, group_by_length):
-        yield [collate([examples[i] for i in mb], pad_id) for mb in micro_batches(gb, micro_batch_size)]
 
 
 def padding_efficiency(batch):

@@ -33,8 +33,9 @@ process and against DDP, losses and final weights):
 - Clipping: torch.nn.utils.clip_grad_norm_ takes DTensor gradients and returns the global norm.
 
 Checkpoints: checkpoints/step_N/ holds sharded/ (torch.distributed.checkpoint: one __R_0.distcp file
-per process and a .metadata), rng_R.pt per process and state.json. --resume reads them back at the
-same number of processes, bit for bit on the CPU. final/ is an ordinary Hugging Face folder: the full
+per process and a .metadata), rng_R.pt per process and state.json. --resume reads them back: at the
+same number of processes bit for bit on the CPU; at another, the shards are re-cut as they load and
+--grad-accum keeps each step's data (rundir.match_world). final/ is an ordinary Hugging Face folder: the full
 state dict is gathered (in CPU memory, on rank 0) and written by weights.save_pretrained.
 """
 import json
@@ -132,23 +133,23 @@ def save_checkpoint(ckpt_dir, model, optimizer, state, keep):
 
 
 def load_checkpoint(path, model, optimizer, saved):
-    """Every process: restore weights, AdamW state and this process's RNG states from `path`.
-    saved: its state.json. Every rank's files must be there (checked before any of them is read)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if saved.get("world_size") != world:
-        raise ValueError(f"--resume: {path} was written by {saved.get('world_size')} processes, now {world} "
-                         f"(the global batch would change)")
-    for r in range(world):
+    """Every process: restore weights, AdamW state and RNG states from `path`. saved: its state.json.
+
+    The number of processes may differ from the run that wrote it: torch.distributed.checkpoint reads
+    each process's rows from whichever files hold them (the .metadata maps them). Process r takes
+    the RNG states of process r % (old count). Every file must be there (checked before any is read)."""
+    rank, was = dist.get_rank(), saved["world_size"]
+    for r in range(was):
         for name in (f"sharded/__{r}_0.distcp", f"rng_{r}.pt", "sharded/.metadata"):
             if not os.path.isfile(os.path.join(path, name)):
                 raise ValueError(f"--resume: {os.path.join(path, name)} is missing (process {r}'s part of a "
-                                 f"checkpoint written by {world} processes); the checkpoint is incomplete")
+                                 f"checkpoint written by {was} processes); the checkpoint is incomplete")
     sd = _state_dicts(model, optimizer)
     dcp.load(sd, checkpoint_id=os.path.join(path, "sharded"))
     opts = _options(model)
     set_model_state_dict(model, sd["model"], options=opts)
     set_optimizer_state_dict(model, optimizer, sd["optim"], options=opts)
-    set_rng_state(torch.load(os.path.join(path, f"rng_{rank}.pt"), weights_only=True))
+    set_rng_state(torch.load(os.path.join(path, f"rng_{rank % was}.pt"), weights_only=True))
 
 
 def full_model(model, cfg):

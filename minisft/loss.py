@@ -36,21 +36,28 @@ def _check(scores, labels, what):
         raise ValueError(f"loss.py: expected {what} [B, T, ...] and labels [B, T], got {tuple(scores.shape)} and {tuple(labels.shape)}")
 
 
-def _select_targets(per_position, labels):
+def _select_targets(per_position, labels, n=None):
     """Shift and keep target positions only.
 
     per_position [B, T, X] (logits or hidden states), labels [B, T]
     -> rows [N, X] (the positions that predict a trained token), targets [N] (those tokens)
+    n: N when the caller counted it on the host (data.to_device). A boolean index must learn N from
+    the device first, which on a GPU makes the CPU wait; nonzero_static, told N, does not.
     """
     rows = per_position[:, :-1]  # the last position predicts nothing we know
     targets = shift_labels(labels)
     keep = targets != IGNORE_INDEX
-    return rows[keep], targets[keep]
+    if n is None:
+        return rows[keep], targets[keep]
+    where = torch.nonzero_static(keep.reshape(-1), size=n)[:, 0]  # [N] flat positions, in order
+    return rows.reshape(-1, rows.shape[-1]).index_select(0, where), targets.reshape(-1).index_select(0, where)
 
 
 def _check_ids(targets, vocab_size):
     # A label outside [0, V) would make gather fail with an unreadable index error; say what is wrong instead.
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
+    # On the CPU only: on a GPU, reading min and max would make the CPU wait at every micro-batch. The
+    # trainer checks once, at the start, that the tokenizer's ids fit the model (Tokenizer.check_fits).
+    if targets.device.type == "cpu" and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
         bad = targets[(targets < 0) | (targets >= vocab_size)][0].item()
         raise ValueError(f"loss.py: label {bad} is neither {IGNORE_INDEX} nor a token id in [0, {vocab_size})")
 
@@ -93,7 +100,7 @@ def masked_cross_entropy(logits, labels):
     return _nll_sum(x, targets), targets.numel()
 
 
-def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024, stats=None):
+def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024, stats=None, n_targets=None):
     """The same loss as masked_cross_entropy(hidden @ weight.T, labels), computed chunk by chunk.
 
     hidden [B, T, D] final hidden states (model.hidden_states), weight [V, D] (model.lm_head.weight),
@@ -108,13 +115,14 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_size=1024, stats=None):
     stats: None, or a dict that gains (adds to) "correct" and "entropy" (0-dim tensors): the number of
     targets the model ranks first and the summed entropy of its predictions, read off each chunk's
     logits while they exist (the trainer logs them as TRL's mean_token_accuracy and entropy).
+    n_targets: N, when counted on the host already (_select_targets says why).
     """
     _check(hidden, labels, "hidden")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"loss.py: expected weight [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
     if chunk_size < 1:
         raise ValueError(f"loss.py: chunk_size must be >= 1, got {chunk_size}")
-    h, targets = _select_targets(hidden, labels)  # [N, D], [N]
+    h, targets = _select_targets(hidden, labels, n_targets)  # [N, D], [N]
     _check_ids(targets, weight.shape[0])
     # Inside a Function's forward grad mode is always off and needs_input_grad ignores no_grad(), so
     # whether a backward can come (evaluation: no) is decided here, out of forward.
@@ -277,13 +285,15 @@ def chunked_token_stats(hidden, weight, labels, chunk_size=1024):
 def batch_loss(model, batch, chunked=True, stats=None):
     """The loss of one collated micro-batch, as the trainer and the evaluation compute it.
 
-    batch: input_ids, labels, position_ids [B, T] and attention_mask [B, T] or None (data.to_device).
+    batch: input_ids, labels, position_ids [B, T], attention_mask [B, T] or None and n_targets (an int,
+    or absent) as data.to_device leaves them.
     Returns (loss_sum: 0-dim tensor, n_targets: int): summed token losses, not a mean.
     chunked=True scores the hidden states chunk by chunk (the full logits never exist).
     stats: None, or a dict gaining "correct" and "entropy" sums over the targets (chunked_cross_entropy)."""
     args = (batch["input_ids"], batch["position_ids"], batch["attention_mask"])
     if chunked:
-        return chunked_cross_entropy(model.hidden_states(*args), model.lm_head.weight, batch["labels"], stats=stats)
+        return chunked_cross_entropy(model.hidden_states(*args), model.lm_head.weight, batch["labels"], stats=stats,
+                                     n_targets=batch.get("n_targets"))
     return logits_loss(model(*args), batch["labels"], stats)
 
 

@@ -66,6 +66,33 @@ def saved_config(out):
     return read_state(ckpts[-1])["config"]
 
 
+def match_world(cfg, world, log=print):
+    """--resume with another number of processes -> cfg with the --grad-accum that keeps each step's data.
+
+    Step s trains on global batch s (data.step_batches): batch size x grad-accum x processes
+    examples, its loss divided by the targets of all of them. Keeping that product keeps every step's
+    data, loss and schedule: 2 processes x grad-accum 2 carry on as 4 x 1 or as 1 x 4, and the run
+    follows the same path to float rounding (the sums run in another order). Random draws (LoRA
+    dropout) cannot follow: each process had its own stream, and there are now more or fewer of them.
+    A --grad-accum given for the new count is checked; the checkpoint's is scaled."""
+    if not cfg.resume:
+        return cfg
+    saved = read_state(list_checkpoints(os.path.join(cfg.out, "checkpoints"))[-1])
+    was, accum = saved["world_size"], saved["config"]["grad_accum"]
+    per_step = was * accum  # micro-batches per optimizer step, over all processes
+    if cfg.grad_accum * world == per_step:
+        return cfg
+    if cfg.grad_accum != accum:
+        raise ValueError(f"--resume: --grad-accum {cfg.grad_accum} x {world} processes makes {cfg.grad_accum * world} "
+                         f"micro-batches per step; the run made {per_step} ({was} processes x --grad-accum {accum})")
+    if per_step % world:
+        raise ValueError(f"--resume: the run made {per_step} micro-batches per step ({was} processes x --grad-accum "
+                         f"{accum}); {world} processes cannot share them evenly: use a number that divides {per_step}")
+    log(f"--resume: {was} -> {world} processes, so --grad-accum {accum} -> {per_step // world}: "
+        f"every step keeps its {per_step} micro-batches")
+    return dataclasses.replace(cfg, grad_accum=per_step // world)
+
+
 def final_template(tokenizer, template, log):
     """The Jinja chat template final/ should carry: the one the model was trained with.
 
@@ -148,24 +175,31 @@ class RunFolder:
     def resume(self, model, optimizer, cfg, world, keys):
         """Restore the latest checkpoint into model and optimizer (and the RNG states) -> (state, path).
 
-        The settings that decide the trajectory (config.TRAJECTORY_KEYS) and the number of
-        processes must be those of the checkpoint: else the resumed half would be another run."""
+        The settings that decide the trajectory (config.TRAJECTORY_KEYS) must be those of the
+        checkpoint: else the resumed half would be another run. The number of processes may change
+        when the micro-batches per step stay (match_world set --grad-accum for that)."""
         ckpt = list_checkpoints(self.ckpt_dir)[-1]
-        if fsdp.is_sharded(model):  # every process reads its own shard and RNG states
-            saved = read_state(ckpt)
+        saved = read_state(ckpt)
+        sharded = os.path.isdir(os.path.join(ckpt, "sharded"))
+        if sharded != fsdp.is_sharded(model):
+            raise ValueError(f"--resume: {ckpt} was written {'with' if sharded else 'without'} --fsdp; "
+                             f"resume it {'with' if sharded else 'without'} --fsdp")
+        if saved["world_size"] * saved["config"]["grad_accum"] != world * cfg.grad_accum:
+            raise ValueError(f"--resume: {world} processes x --grad-accum {cfg.grad_accum} differs from the run's "
+                             f"{saved['world_size']} x {saved['config']['grad_accum']} (the global batch would change)")
+        if sharded:  # every process reads its part of the shards, and RNG states
             fsdp.load_checkpoint(ckpt, model, optimizer, saved)
         else:
-            saved = load_checkpoint(ckpt, model, optimizer)
+            load_checkpoint(ckpt, model, optimizer)
         # A setting newer than the checkpoint is missing from it: the run had that setting's default.
         defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
         for k in TRAJECTORY_KEYS:
             was = saved["config"].get(k, defaults[k])
+            if k == "grad_accum" and saved["world_size"] != world:
+                continue  # checked above as processes x grad-accum
             if was != getattr(cfg, k):
                 raise ValueError(f"--resume: {flag(k)}={getattr(cfg, k)!r} differs from the checkpoint's "
                                  f"{was!r} ({ckpt}/state.json); use the same settings or a new --out")
-        if saved["world_size"] != world:
-            raise ValueError(f"--resume: the run used {saved['world_size']} processes, now {world} "
-                             f"(the global batch would change)")
         return {k: saved[k] for k in keys if k in saved}, ckpt  # a key newer than the checkpoint: absent
 
     def __enter__(self):

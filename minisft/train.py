@@ -45,7 +45,7 @@ from minisft.lora import add_lora
 from minisft.loss import batch_loss
 from minisft.optim import freeze_text_embeddings, freeze_top_mlps, make_optimizer, param_groups  # noqa: F401
 from minisft.rundir import TIMING_KEYS, RunFolder, StopRequest, check_out_dir, final_template  # noqa: F401
-from minisft.rundir import after_interrupt, save_final, stop_requested
+from minisft.rundir import after_interrupt, match_world, save_final, stop_requested
 from minisft.rundir import peak_memory_mb, saved_config  # noqa: F401
 from minisft.schedule import plan as plan_schedule
 from minisft.watch import Watch, overfitting, repetition_loop  # noqa: F401
@@ -294,6 +294,7 @@ def train(cfg):
     main_proc = rank == 0
     log = print if main_proc else (lambda *a, **k: None)
     old_files = check_out_dir(cfg)  # every process checks before anything is loaded or written
+    cfg = match_world(cfg, world, log)  # --resume on another number of processes: the same global batch
     distributed.barrier(world)
 
     # ---- model, data, steps, schedule, optimizer ---------------------------------------------

@@ -365,7 +365,8 @@ def test_global_batches_depend_only_on_seed_epoch_and_global_batch():
         for b in gb:
             mbs = data.micro_batches(b, micro)
             assert all(len(m) <= micro for m in mbs) and sum(mbs, []) == b
-    steps = list(data.iter_steps([{"input_ids": [1] * n, "labels": [1] * n} for n in lengths], 16, 5, 1, 0, PAD))
+    batches = data.step_batches([{"input_ids": [1] * n, "labels": [1] * n} for n in lengths], 16, 5, 1, PAD)
+    steps = [batches(s) for s in range(batches.steps_per_epoch)]
     assert [sum(mb["input_ids"].shape[0] for mb in step) for step in steps] == [len(b) for b in gb]
 
 

@@ -105,6 +105,68 @@ def test_fsdp_resume_is_exact(runs):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def as_after_step_2(src, dst):
+    """A copy of run folder src as it stood after step 2: its later checkpoint and final/ removed."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "step_000004")
+    shutil.rmtree(dst / "final")
+    return dst
+
+
+def same_run(a, b, tol):
+    """Run folders a and b: the same tokens per step, losses, gradient norms and validation losses
+    (to tol), and final weights (to tol)."""
+    ma, mb = metrics(a), metrics(b)
+    assert [x["tokens"] for x in ma] == [x["tokens"] for x in mb] and len(ma) == 4
+    for x, y in zip(ma, mb):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert abs(x.get(key, 0) - y.get(key, 0)) < tol, (key, x, y)
+    wa, wb = weights(a), weights(b)
+    assert set(wa) == set(wb) and all(torch.allclose(wa[k], wb[k], atol=tol) for k in wa)
+
+
+def test_fsdp_resume_on_another_number_of_processes(runs, tmp_path):
+    """2 processes stopped after step 2 carry on as 1 (torchrun, --fsdp): the shards are re-cut as
+    they load, --grad-accum 2 becomes 4 so each step keeps its 4 micro-batches, and the run ends as
+    the 2-process run did, to float rounding."""
+    out = as_after_step_2(Path(runs["out"]["fsdp"]), tmp_path / "to1")
+    r = torchrun(["--out", str(out), "--resume"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--resume: 2 -> 1 processes, so --grad-accum 2 -> 4" in r.stdout
+    same_run(runs["out"]["fsdp"], out, 1e-5)
+    state = json.loads((out / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["world_size"] == 1 and state["config"]["grad_accum"] == 4
+
+
+def test_ddp_resume_in_one_process(runs, tmp_path):
+    """The same without --fsdp: a 2-process DDP run carries on in one process (no torchrun)."""
+    out = as_after_step_2(Path(runs["out"]["ddp"]), tmp_path / "ddp1")
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert T.main(["--out", str(out), "--resume"]) == 0
+    finally:
+        torch.set_num_threads(old)
+    same_run(runs["out"]["ddp"], out, 1e-5)
+
+
+def test_resume_on_a_count_that_cannot_share_the_step_is_a_one_line_error(runs, tmp_path):
+    """4 micro-batches per step (2 processes x 2) cannot be shared by 3 processes; a --grad-accum
+    that changes the global batch is refused too. Both before anything is loaded or written."""
+    from minisft.config import TrainConfig
+    from minisft.rundir import match_world
+    out = as_after_step_2(Path(runs["out"]["fsdp"]), tmp_path / "to3")
+    cfg = TrainConfig(out=str(out), resume=True, grad_accum=2)
+    with pytest.raises(ValueError, match=r"^--resume: the run made 4 micro-batches per step \(2 processes x "
+                                         r"--grad-accum 2\); 3 processes cannot share them evenly"):
+        match_world(cfg, 3)
+    with pytest.raises(ValueError, match=r"^--resume: --grad-accum 3 x 1 processes makes 3 micro-batches per step; "
+                                         r"the run made 4"):
+        match_world(TrainConfig(out=str(out), resume=True, grad_accum=3), 1)
+    assert match_world(cfg, 4).grad_accum == 1 and match_world(cfg, 2) is cfg
+    assert match_world(TrainConfig(out=str(out), resume=True, grad_accum=4), 1).grad_accum == 4
+
+
 def test_fsdp_final_loads_in_transformers(runs):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(runs["out"]["fsdp"], "final"))
@@ -187,3 +249,23 @@ def test_two_nodes_on_localhost_match_one_node(runs, tmp_path):
             assert abs(x.get(key, 0) - y.get(key, 0)) < 1e-6
     a, b = weights(runs["out"]["fsdp"]), weights(out)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_fsdp_memory_bench_measures_each_process_against_the_count(capsys):
+    """python -m minisft.bench.fsdp_memory: 1 plain process and 2 under FSDP run the trainer's step;
+    the table carries memory.estimate's count for each and the resident memory each step measured."""
+    from minisft import memory
+    from minisft.bench import fsdp_memory
+    model = str(ROOT / "data" / "base-model")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("the measurement reads Linux's /proc/self/status")
+    assert fsdp_memory.main(["--model", model, "--world-sizes", "1,2", "--max-length", "32", "--steps", "2",
+                             "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [(r["processes"], r["sharding"]) for r in rows] == [(1, "none"), (2, "FSDP")]
+    for r in rows:
+        est = memory.estimate(model, 1, 32, dtype="float32", world_size=r["processes"], fsdp=r["processes"] > 1)
+        assert r["counted_mb"] == est["total"] / 1e6
+        assert 0 < r["step_mb"] <= r["whole_run_mb"] and r["base_mb"] > 0
+    assert "step/count" in out and f"{rows[1]['counted_mb']:,.0f}" in out

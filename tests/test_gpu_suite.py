@@ -23,12 +23,21 @@ def tiny_config(tmp_path, monkeypatch):
     torch.set_num_threads(old)
 
 
-def test_the_suite_runs_every_row_on_the_cpu(tiny_config, capsys):
+def test_the_suite_runs_every_row_on_the_cpu(tiny_config, capfd):
+    """Every step row, the packed-rows check, and the rows against TRL (one of them, tiny)."""
+    from pathlib import Path
+    base = str(Path(__file__).resolve().parent.parent / "data" / "base-model")
     argv = ["--suite", "gpu", "--device", "cpu", "--model", tiny_config, "--lora-model", tiny_config, "--seq", "32",
-            "--batches", "2,4", "--steps", "1", "--gemm-seconds", "0.05", "--json"]
+            "--batches", "2,4", "--steps", "1", "--gemm-seconds", "0.05", "--trl-model", base,
+            "--trl-rows", "equal/shape", "--trl-steps", "1", "--trl-max-length", "96", "--json"]
     assert bench_main(argv) == 0  # through the bench's own entry point
-    out = capsys.readouterr().out.strip().splitlines()
-    rows = json.loads(out[-1])
+    text = capfd.readouterr().out
+    out = text.strip().splitlines()
+    result = json.loads(out[-1])
+    rows = result["rows"]
+    assert result["packed_grad_diff"] < 1e-5 and result["packed_loss_diff"] < 1e-6
+    assert "packed rows, one attention per conversation against the dense mask (float32)" in text
+    assert "--rows equal/shape" in text and "TRL" in text  # the end-to-end bench's table
     # 2 batch sizes + 1 LoRA row, x (float32, float16) on the CPU, x (eager, compiled)
     assert len(rows) == 12 and out[0].split()[:3] == ["model", "lora", "dtype"]
     assert {(r["dtype"], r["compile"]) for r in rows} == {(d, c) for d in ("float32", "float16") for c in (False, True)}

@@ -30,3 +30,18 @@ def test_cuda_path_pins_and_copies_without_blocking(monkeypatch):
     out = data.to_device(batch(), "cuda:0")
     assert calls == ["pin", (("cuda:0",), {"non_blocking": True})] * 4
     assert out["attention_mask"] is None
+
+
+def test_right_padding_drops_the_mask_and_the_targets_are_counted_on_the_host():
+    """Decided before the copy (a GPU tensor would make the CPU wait): right padding alone needs no
+    mask (the causal one keeps real tokens off the padding after them); left padding keeps its mask.
+    n_targets is what the loss will select, counted from the host labels."""
+    b = batch()
+    b["attention_mask"][1, 4:] = 0
+    b["labels"][1, 4:] = -100
+    out = data.to_device(b, "cpu")
+    assert out["attention_mask"] is None and out["n_targets"] == 5 + 3
+    left = batch()
+    left["attention_mask"][1, :2] = 0
+    kept = data.to_device(left, "cpu")["attention_mask"]
+    assert kept is not None and torch.equal(kept, left["attention_mask"])

@@ -126,6 +126,20 @@ def test_chunked_matches_plain(chunk_size, dtype, tol):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=tol, atol=tol)
 
 
+def test_chunked_told_the_target_count_gives_the_same_loss_and_gradients():
+    """n_targets counted on the host (data.to_device) finds the rows with nonzero_static instead of a
+    boolean index (no host sync on a GPU): the same loss and gradients, bit for bit."""
+    _, hidden, weight, labels = make_batch(B=3, T=21, V=64, D=16, p_mask=0.3, dtype=torch.float32, seed=5)
+    results = []
+    for n in (None, int((shift_labels(labels) != IGNORE_INDEX).sum())):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, count = chunked_cross_entropy(h, w, labels, chunk_size=7, n_targets=n)
+        loss.backward()
+        results.append((loss, count, h.grad, w.grad))
+    (l1, n1, h1, w1), (l2, n2, h2, w2) = results
+    assert n1 == n2 > 0 and torch.equal(l1, l2) and torch.equal(h1, h2) and torch.equal(w1, w2)
+
+
 def test_chunked_gradient_computed_in_forward_takes_the_callers_scale():
     """The gradients are made in forward; backward scales them by what comes back (the trainer divides
     the sum by the step's target count), and a second backward through the same graph is refused."""

@@ -144,6 +144,32 @@ def test_packed_rows_take_the_mask_where_the_device_says_so(monkeypatch):
     assert_same(split, masked, tol=1e-10)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_packed_rows_on_cuda_go_through_flexattention_with_the_masked_results(monkeypatch):
+    """On CUDA, packed rows get one FlexMask per forward, shared by every layer, and FlexAttention.
+    Its forward runs on a CPU too (its backward does not: the GPU suite checks that): pretending to
+    be CUDA, the logits at real positions equal the dense mask's."""
+    from minisft.fast import packed as P
+    assert P.attends_with_flex("cuda") and not P.attends_with_flex("cpu")
+    model = fast.apply(tiny_model(seed=10)).float()
+    examples = random_examples([9, 14, 5, 7, 3, 12, 6], seed=10)
+    batch = data.collate([r for mb in data.pack_to_budget(examples, 24, 24) for r in mb], PAD)
+    ids, pos, seq = batch["input_ids"], batch["position_ids"], batch["attention_mask"]
+    assert seq.max() > 1 and (seq == 0).any()
+    monkeypatch.setattr(fast_modules, "attends_per_conversation", lambda device: False)
+    with torch.no_grad():
+        dense = model(ids, position_ids=pos, attention_mask=seq)
+        masks, flexed = [], []
+        monkeypatch.setattr(fast_modules, "attends_with_flex", lambda device: True)
+        monkeypatch.setattr(fast_modules, "flex_mask", lambda m: masks.append(1) or P.flex_mask(m))
+        monkeypatch.setattr(fast_modules, "flex", lambda *a: flexed.append(a[3]) or P.flex(*a))
+        got = model(ids, position_ids=pos, attention_mask=seq)
+    assert masks == [1] and len(flexed) == model.config.num_hidden_layers
+    assert all(m is flexed[0] for m in flexed)  # one block mask for all layers
+    real = seq != 0
+    assert torch.allclose(got[real], dense[real], atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # the preallocated KV cache
 # ---------------------------------------------------------------------------------------------

@@ -18,16 +18,24 @@ tokens of one shape, after 2 warm-up steps (compilation, the allocator), and rep
 
 Rows: each precision the device has (bfloat16 from compute capability 8.0, float16 + loss scaling;
 float32 and float16 on the CPU) at each --batches size, eager and --compile, and the LoRA model
-(--lora-model, e.g. a SmolLM3-3B config.json) at the first batch size. The rows against TRL are
-the end-to-end bench's (`python -m minisft.bench --device cuda`): they run the whole job in
-processes of their own. docs/gpu.md holds the figures once a GPU has run this.
+(--lora-model, e.g. a SmolLM3-3B config.json) at the first batch size.
+
+Then a check, not a timing: packed rows through the fast layer (CUDA: FlexAttention, whose backward
+only a GPU runs; CPU: one attention per conversation) against model.py's dense mask, loss and every
+gradient, in float32. Last, with --trl-model (a model folder with its tokenizer), the end-to-end
+bench's rows against TRL (`python -m minisft.bench --rows --trl-rows`): each trainer runs the whole
+job in processes of its own, at its best and as shipped; packed against padded minisft is
+best/skewed against equal/skewed. docs/gpu.md holds the figures once a GPU has run this.
 """
+import copy
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
-from minisft import compiled, loss as L, memory, precision
+from minisft import compiled, fast, loss as L, memory, precision
 from minisft.bench.tools import gemm_peak_flops
 from minisft.lora import add_lora
 from minisft.model import SmolLM
@@ -125,6 +133,45 @@ def run(args):
     return rows
 
 
+def packed_check(model_path, device, seq):
+    """Packed rows [2, seq] of skewed conversations: the fast layer against the plain model's dense
+    mask, float32 -> (relative loss difference, largest relative gradient difference)."""
+    torch.manual_seed(0)
+    cfg = memory.read_config(model_path)
+    plain = SmolLM(cfg).to(device)
+    quick = fast.apply(copy.deepcopy(plain))
+    seq = min(seq, cfg.max_position_embeddings)
+    ids = torch.randint(0, cfg.vocab_size, (2, seq))
+    seq_ids, pos = torch.zeros(2, seq, dtype=torch.long), torch.zeros(2, seq, dtype=torch.long)
+    for row, shares in enumerate(([0.1, 0.6, 0.2], [0.45, 0.05, 0.3, 0.1])):  # the rest of each row: padding
+        start = 0
+        for i, share in enumerate(shares, 1):
+            n = max(2, int(share * seq))
+            seq_ids[row, start:start + n], pos[row, start:start + n] = i, torch.arange(n)
+            start += n
+    labels = ids.masked_fill(seq_ids == 0, L.IGNORE_INDEX)
+    mb = {k: v.to(device) for k, v in dict(input_ids=ids, labels=labels, attention_mask=seq_ids,
+                                           position_ids=pos).items()}
+    results = []
+    for model in (plain, quick):
+        model.zero_grad()
+        loss_sum, n = L.batch_loss(model, mb, True)
+        (loss_sum / n).backward()
+        results.append((float(loss_sum.detach() / n), {k: p.grad for k, p in model.named_parameters()}))
+    (a, ga), (b, gb) = results
+    grad = max(float((ga[k] - gb[k]).abs().max() / ga[k].abs().max().clamp(min=1e-30)) for k in ga)
+    return abs(a - b) / abs(a), grad
+
+
+def trl_rows(args):
+    """The end-to-end bench's rows against TRL, in a process of their own -> its exit code."""
+    cmd = [sys.executable, "-m", "minisft.bench", "--model", args.trl_model, "--device", args.device,
+           "--rows", args.trl_rows, "--steps", str(args.trl_steps), "--repeats", "1", "--batch-size", "4",
+           "--max-length", str(args.trl_max_length), "--decode-tokens", "8"]
+    print("\n$ " + " ".join(cmd[1:]), flush=True)
+    return subprocess.run(cmd).returncode
+
+
 def format_rows(rows):
     lines = [f"{'model':<28} {'lora':>4} {'dtype':<9} {'compile':<7} {'batch':>5} {'seq':>5} {'step ms':>9} "
              f"{'tokens/s':>10} {'MFU':>6} {'peak MB':>8}"]
@@ -152,6 +199,10 @@ def main(argv=None):
     p.add_argument("--batches", default="4,16,32", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (after 2 warm-up steps)")
     p.add_argument("--gemm-seconds", type=float, default=1.0, help="how long the matmul peak is timed")
+    p.add_argument("--trl-model", default=None, help="a model folder with its tokenizer: run the rows against TRL")
+    p.add_argument("--trl-rows", default="equal/skewed,best/skewed,shipped/skewed", help="the bench rows to run")
+    p.add_argument("--trl-steps", type=int, default=10, help="optimizer steps per run of those rows")
+    p.add_argument("--trl-max-length", type=int, default=1024, help="tokens per conversation in those rows")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the rows")
     args = p.parse_args(argv)
     try:
@@ -160,10 +211,18 @@ def main(argv=None):
             raise ValueError("--batches needs integers >= 1, --steps >= 1 and --seq >= 2")
         check_device(args.device)
         rows = run(args)
+        print(format_rows(rows), flush=True)
+        loss_diff, grad_diff = packed_check(args.model, args.device, args.seq)
+        way = "FlexAttention" if torch.device(args.device).type == "cuda" else "one attention per conversation"
+        print(f"\npacked rows, {way} against the dense mask (float32): loss differs by {loss_diff:.1e}, "
+              f"the largest gradient by {grad_diff:.1e} of its size", flush=True)
+        if max(loss_diff, grad_diff) > 1e-3:
+            raise RuntimeError(f"packed rows: the fast layer differs from the dense mask ({grad_diff:.1e})")
+        if args.trl_model and trl_rows(args) != 0:
+            raise RuntimeError("the rows against TRL failed (their output is above)")
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(format_rows(rows))
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps(dict(rows=rows, packed_loss_diff=loss_diff, packed_grad_diff=grad_diff)))
     return 0

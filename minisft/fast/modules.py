@@ -9,7 +9,7 @@ model, bit for bit where the maths is the same.
     FastAttention  the block's norm and q, k, v as one NormLinearsFn; packed rows per conversation
     FastMLP        the norm and gate, up as one NormLinearsFn; silu * up and down_proj as SwiGLUFn
     FastBlock      hands each norm to the sublayer that reads it, so the two can fuse
-    FastSmolLM     gives packed rows on a CPU their conversation spans instead of a dense mask
+    FastSmolLM     gives packed rows their conversation spans (CPU) or a FlexMask (CUDA), not a dense mask
 
 Shapes as in model.py: B batch, T tokens, D hidden_size, I intermediate_size.
 """
@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minisft.fast.functions import RMSNormFn, SwiGLUFn, autocast_weight, project
-from minisft.fast.packed import attends_per_conversation, conversation_spans, per_conversation
+from minisft.fast.packed import (FlexMask, attends_per_conversation, attends_with_flex, conversation_spans, flex,
+                                 flex_mask, per_conversation)
 from minisft.model import MLP, Attention, Block, RMSNorm, SmolLM, right_padded
 
 
@@ -36,12 +37,16 @@ class FastRMSNorm(RMSNorm):
 
 class FastAttention(Attention):
     def forward(self, x, cos, sin, attn_mask=None, cache=None, norm=None):
-        """x [B, T, D] -> [B, T, D]; attn_mask may also be a list of conversation spans (packed.py).
-        norm: the block's RMSNorm, run on x first (functions.project); None when x is normalised already."""
+        """x [B, T, D] -> [B, T, D]; attn_mask may also be a list of conversation spans or a FlexMask
+        (packed.py). norm: the block's RMSNorm, run on x first (functions.project); None when x is
+        normalised already."""
         q, k, v = project(norm, (self.q_proj, self.k_proj, self.v_proj), x)
         if isinstance(attn_mask, list):
             q, k, v = self.heads(q, k, v, cos, sin)
             return self.o_proj(per_conversation(q, k, v, attn_mask))
+        if isinstance(attn_mask, FlexMask):
+            q, k, v = self.heads(q, k, v, cos, sin)
+            return self.o_proj(flex(q, k, v, attn_mask))
         return self.attend(q, k, v, cos, sin, attn_mask, cache)
 
 
@@ -66,13 +71,16 @@ class FastBlock(Block):
 
 class FastSmolLM(SmolLM):
     def attn_mask(self, attention_mask, past, T, cache):
-        """Packed rows without a cache, on a CPU: their conversation spans; otherwise model.py's mask."""
+        """Packed rows without a cache: their conversation spans on a CPU, a FlexMask on CUDA;
+        otherwise model.py's mask."""
         device = self.model.embed_tokens.weight.device  # (lm_head may be LoRA-wrapped)
-        if (attention_mask is not None and cache is None and attends_per_conversation(device)
-                and not right_padded(attention_mask)):
-            spans = conversation_spans(attention_mask)
-            if spans:  # None: an id split in two, only a mask says who sees whom
-                return spans
+        if attention_mask is not None and cache is None:
+            if attends_with_flex(device):  # right padding too (data.to_device drops those masks on the host)
+                return flex_mask(attention_mask)
+            if attends_per_conversation(device) and not right_padded(attention_mask):
+                spans = conversation_spans(attention_mask)
+                if spans:  # None: an id split in two, only a mask says who sees whom
+                    return spans
         return super().attn_mask(attention_mask, past, T, cache)
 
 

@@ -1,4 +1,4 @@
-"""Packed rows on a CPU: one causal attention per conversation instead of one masked call. Lesson 11.
+"""Packed rows: attention that stays inside each conversation without a dense mask. Lesson 11.
 
 A packed row holds several conversations (data.pack_to_budget). model.py's plain path gives every
 layer a block-diagonal causal mask [B, 1, T, T]: SDPA then computes every query-key pair of the row and
@@ -7,8 +7,13 @@ gets its own causal call, which computes only the pairs that count and builds no
 packed row costs no more attention than its conversations alone.
 
 On a CPU only: a GPU pays per kernel launched rather than per pair, and this loop launches a few
-kernels per conversation per layer. docs/speed.md has both measurements.
+kernels per conversation per layer. docs/speed.md has both measurements. On CUDA, FlexAttention does
+the same in one kernel: a block mask, built once per forward from the sequence ids and shared by every
+layer, lists which tiles of the T x T square hold pairs of one conversation, and the compiled kernel
+visits only those. FlexAttention has no backward on a CPU, so the CPU keeps the loop above.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -60,3 +65,46 @@ def per_conversation(q, k, v, spans):
                                                enable_gqa=k.shape[1] != H)  # [1, H, n, hd]
             pieces.append(y[0].transpose(0, 1).reshape(qs.shape[1], H * hd))
     return torch.cat(pieces).view(B, T, H * hd)
+
+
+class FlexMask(NamedTuple):
+    """What each layer gets for packed rows on CUDA: FlexAttention's block mask."""
+    block_mask: object
+
+
+def attends_with_flex(device):
+    """Packed rows through FlexAttention on this device? On CUDA, when this torch has it."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_mask(attention_mask):
+    """attention_mask [B, T] of sequence ids -> FlexMask: query q sees key k when both hold the same
+    id and k <= q, as model.build_attn_mask (padding, id 0, sees earlier padding: never an empty row)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    seq = attention_mask
+    B, T = seq.shape
+
+    def same_conversation(b, h, q, k):
+        return (seq[b, q] == seq[b, k]) & (k <= q)
+    return FlexMask(create_block_mask(same_conversation, B, None, T, T, device=seq.device))
+
+
+_compiled = {}
+
+
+def flex(q, k, v, mask):
+    """q [B, H, T, hd], k, v [B, KV, T, hd], mask: a FlexMask -> [B, T, H * hd]. Compiled on CUDA:
+    the eager FlexAttention is a slow reference (kept for a CPU forward, as the tests run it)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    B, H, T, hd = q.shape
+    if q.is_cuda and "flex" not in _compiled:
+        _compiled["flex"] = torch.compile(flex_attention, dynamic=False)
+    attend = _compiled["flex"] if q.is_cuda else flex_attention
+    y = attend(q, k, v, block_mask=mask.block_mask, enable_gqa=k.shape[1] != H)  # [B, H, T, hd]
+    return y.transpose(1, 2).reshape(B, T, H * hd)
