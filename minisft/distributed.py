@@ -16,10 +16,12 @@ import torch.nn as nn
 from minisft.loss import batch_loss
 
 
-def setup(device):
-    """-> (rank, world_size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK."""
+def setup(device, sharded=False):
+    """-> (rank, world_size, device). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK.
+    sharded (--fsdp): a process group even for 1 process, which FSDP shards over (a run may resume
+    on 1 process what 2 began)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not sharded:
         return 0, 1, device
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))

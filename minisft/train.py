@@ -290,7 +290,7 @@ def train(cfg):
     with it; the last good checkpoint stays the newest one).
     """
     check_config(cfg)
-    rank, world, device = distributed.setup(cfg.device or pick_device())
+    rank, world, device = distributed.setup(cfg.device or pick_device(), cfg.fsdp)
     main_proc = rank == 0
     log = print if main_proc else (lambda *a, **k: None)
     old_files = check_out_dir(cfg)  # every process checks before anything is loaded or written

@@ -103,3 +103,13 @@ def test_module_and_function_sizes(name):
             if n > MAX_FUNCTION_LINES:
                 problems.append(f"{node.name}() at line {node.lineno} is {n} lines (at most {MAX_FUNCTION_LINES})")
     assert not problems, f"{MODULES[name].relative_to(ROOT)}: " + "; ".join(problems)
+
+
+def test_the_readme_stays_a_students_entry():
+    """At most 25 KB (25,000 bytes), and it starts with the two commands: the main job, then the tests."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.encode("utf-8")) <= 25_000
+    commands = [ln.strip() for ln in text.splitlines() if ln.startswith("    pip install")]
+    assert commands[:2] == ["pip install -r requirements.txt && python3 lessons/06_sft_loop.py",
+                            "pip install -r requirements-dev.txt && python3 -m pytest tests -q"]
+    assert "python3 -m pytest tests -q" in (ROOT / ".ci" / "run").read_text()
