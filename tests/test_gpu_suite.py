@@ -29,7 +29,7 @@ def test_the_suite_runs_every_row_on_the_cpu(tiny_config, capfd):
     base = str(Path(__file__).resolve().parent.parent / "data" / "base-model")
     argv = ["--suite", "gpu", "--device", "cpu", "--model", tiny_config, "--lora-model", tiny_config, "--seq", "32",
             "--batches", "2,4", "--steps", "1", "--gemm-seconds", "0.05", "--trl-model", base,
-            "--trl-rows", "equal/shape", "--trl-steps", "1", "--trl-max-length", "96", "--json"]
+            "--trl-rows", "equal/shape", "--trl-steps", "1", "--trl-max-length", "512", "--json"]
     assert bench_main(argv) == 0  # through the bench's own entry point
     text = capfd.readouterr().out
     out = text.strip().splitlines()
