@@ -234,7 +234,7 @@ def main():
     a = [r["answer_ids"] for r in evals["LoRA"][0]]  # the adapter model's answers of step 5
     with torch.no_grad():
         b = generate_answers(merged, tok, [r["prompt"] for r in records], template, MAX_NEW_TOKENS)
-        probe = {k: v[:8] for k, v in batch.items()}
+        probe = {k: v[:8] if torch.is_tensor(v) else v for k, v in batch.items()}  # (a mask may be None)
         args_ = (probe["input_ids"], probe["position_ids"], probe["attention_mask"])
         diff = (models["LoRA"](*args_) - merged(*args_)).abs().max().item()
     same = sum(x == y for x, y in zip(a, b))
