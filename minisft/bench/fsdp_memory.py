@@ -23,6 +23,7 @@ allocator keeps free for later (glibc keeps freed small blocks), so it sits abov
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,6 @@ def worker(args):
             reset_peak()
         train.sft_step(step, lambda s: [batch], model, runner, optimizer, lambda s: 1e-5, tcfg, state, device,
                        autocast, world)
-    import resource
     life = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, status_bytes("VmHWM"))  # KiB on Linux
     result = {"rank": rank, "base": base, "step": status_bytes("VmHWM") - base, "life": life - base,
               "sharded": fsdp.is_sharded(model)}

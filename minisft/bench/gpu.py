@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from minisft import compiled, fast, loss as L, memory, precision
+from minisft import compiled, data, fast, loss as L, memory, precision
 from minisft.bench.tools import gemm_peak_flops
 from minisft.lora import add_lora
 from minisft.model import SmolLM
@@ -134,24 +134,20 @@ def run(args):
 
 
 def packed_check(model_path, device, seq):
-    """Packed rows [2, seq] of skewed conversations: the fast layer against the plain model's dense
+    """Two packed rows of up to seq tokens, skewed conversations: the fast layer against the plain model's dense
     mask, float32 -> (relative loss difference, largest relative gradient difference)."""
     torch.manual_seed(0)
     cfg = memory.read_config(model_path)
     plain = SmolLM(cfg).to(device)
     quick = fast.apply(copy.deepcopy(plain))
     seq = min(seq, cfg.max_position_embeddings)
-    ids = torch.randint(0, cfg.vocab_size, (2, seq))
-    seq_ids, pos = torch.zeros(2, seq, dtype=torch.long), torch.zeros(2, seq, dtype=torch.long)
-    for row, shares in enumerate(([0.1, 0.6, 0.2], [0.45, 0.05, 0.3, 0.1])):  # the rest of each row: padding
-        start = 0
-        for i, share in enumerate(shares, 1):
-            n = max(2, int(share * seq))
-            seq_ids[row, start:start + n], pos[row, start:start + n] = i, torch.arange(n)
-            start += n
-    labels = ids.masked_fill(seq_ids == 0, L.IGNORE_INDEX)
-    mb = {k: v.to(device) for k, v in dict(input_ids=ids, labels=labels, attention_mask=seq_ids,
-                                           position_ids=pos).items()}
+    rows = []
+    for shares in ([0.1, 0.6, 0.2], [0.45, 0.05, 0.3, 0.1]):  # each row's conversations; collate pads the rest
+        lengths = [max(2, int(share * seq)) for share in shares]
+        ids = torch.randint(0, cfg.vocab_size, (sum(lengths),)).tolist()
+        rows.append({"input_ids": ids, "labels": ids, "seq_ids": [i for i, n in enumerate(lengths, 1) for _ in range(n)],
+                     "position_ids": [p for n in lengths for p in range(n)]})
+    mb = data.to_device(data.collate(rows, pad_id=0), device)
     results = []
     for model in (plain, quick):
         model.zero_grad()
