@@ -222,6 +222,31 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def run_of(model):
+    """The run folder whose final/ `model` is, else None (a model folder of any other kind)."""
+    folder = os.path.normpath(str(model))
+    run = os.path.dirname(folder) or os.curdir
+    is_final = os.path.basename(folder) == "final" and os.path.isdir(os.path.join(run, "checkpoints"))
+    return run if is_final else None
+
+
+def save_to_card(model, data, summary):
+    """Keep the results beside the run (RUN/evaluation.json) and rewrite RUN/final/README.md with them
+    (model_card.py) -> the card's path. model: a run's final/ folder (run_of)."""
+    from minisft.files import fresh_name, replace_file, write_json
+    from minisft.model_card import weights_stamp, write_card
+
+    run = run_of(model)
+    if run is None:
+        raise ValueError(f"--card: {model} is not the final/ folder of a minisft run (RUN/final)")
+    path = os.path.join(run, "evaluation.json")
+    tmp = fresh_name(path, "tmp")
+    write_json(tmp, {"data": str(data), "weights": weights_stamp(os.path.join(run, "final")),
+                     "metrics": {k.strip(): list(v) for k, v in summary.items()}})
+    replace_file(tmp, path)
+    return write_card(run)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m minisft.evaluate",
                                 description="Evaluate chat models on held-out conversations (format, think mode, answers).")
@@ -231,10 +256,14 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--show", type=int, default=3, help="print this many answers per model")
+    p.add_argument("--card", action="store_true", help="for each --model that is a run's final/: keep its results "
+                   "in RUN/evaluation.json and rewrite the model card RUN/final/README.md with them")
     args = p.parse_args(argv)
     from minisft.weights import load_pretrained
 
     try:
+        if args.card and not any(run_of(name) for name in args.model or []):  # before any model loads
+            raise ValueError("--card: no --model is the final/ folder of a minisft run (RUN/final)")
         records = load_records(args.data)
         rows = []
         for name in args.model or [DEFAULT_MODEL]:
@@ -246,7 +275,9 @@ def main(argv=None):
             for r in results[:args.show]:
                 print(f"  expected {r['expected']!r:12} format_ok={r['format_ok']!s:5} -> {r['answer_text'][:100]!r}")
             rows.append((name, summary))
-    except (ValueError, OSError) as e:
+            if args.card and run_of(name):  # a base model beside it (--model data/base-model) has no card
+                print(f"  results added to the model card {save_to_card(name, args.data, summary)}")
+    except (ValueError, OSError, KeyError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print()

@@ -12,7 +12,8 @@ what, how, or how well it did. The Hub reads a README.md that starts with YAML f
     ---
 
 followed by Markdown. The run writes one into final/ when it ends (rundir.save_final), from what the
-run folder holds: the settings of its last checkpoint and its metrics.jsonl. The Hub accepts only Hub
+run folder holds: the settings of its last checkpoint and its metrics.jsonl (and, once
+`python -m minisft.evaluate --model RUN/final --card` has run, its evaluation.json). The Hub accepts only Hub
 ids in base_model and datasets: a local folder or file is named in the body instead.
 
     python -m minisft.model_card RUN       # (re)write RUN/final/README.md, e.g. for an older run
@@ -76,8 +77,27 @@ def _named(spec, what):
     return f"`{os.path.basename(os.path.normpath(str(spec)))}` (local {what})"
 
 
-def card(cfg, rows, adapter, name):
-    """The whole README.md text of a run's final model."""
+def weights_stamp(final):
+    """final/'s weights files as [[name, bytes, mtime_ns], ...]: an evaluation names the weights it scored,
+    so a card never shows the results of weights that a later run replaced."""
+    names = sorted(n for n in os.listdir(final) if n.endswith(".safetensors"))
+    return [[n, os.stat(os.path.join(final, n)).st_size, os.stat(os.path.join(final, n)).st_mtime_ns] for n in names]
+
+
+def evaluation_lines(evaluation):
+    """RUN/evaluation.json (python -m minisft.evaluate --card) -> the card's evaluation section."""
+    lines = ["", "## Evaluation", "",
+             f"`python -m minisft.evaluate` on {_named(evaluation['data'], 'file')}: the model answers each "
+             "test conversation's last turn greedily; the rules are in minisft's evaluate.py.", "",
+             "| metric | rate | of |", "|---|---:|---:|"]
+    for what, (rate, n) in evaluation["metrics"].items():
+        what = what.replace("|", "\\|")  # <|im_end|>'s bars would split the table's cells
+        lines.append(f"| {what} | {'-' if rate is None else f'{100 * rate:.1f}%'} | {n} |")
+    return lines
+
+
+def card(cfg, rows, adapter, name, evaluation=None):
+    """The whole README.md text of a run's final model. evaluation: RUN/evaluation.json's content, or None."""
     lines = front_matter(cfg, adapter) + ["", f"# {name}", ""]
     base = cfg.get("model")
     lines.append(f"Supervised fine-tuning of {_named(base, 'model folder')} with minisft, on "
@@ -90,22 +110,32 @@ def card(cfg, rows, adapter, name):
         lines += ["", "Early stopping was on: the weights are those of the best validation loss."]
     lines += ["", "## Results", "", "| | |", "|---|---|"]
     lines += [f"| {what} | {value} |" for what, value in results(rows)]
+    if evaluation:
+        lines += evaluation_lines(evaluation)
     lines += ["", "## Training recipe", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | `{cfg[k]}` |" for k in RECIPE_KEYS if k in cfg and cfg[k] is not None]
     lines += ["", "## Use", "", "```bash", "python -m minisft.chat THIS_FOLDER", "```", ""]
     return "\n".join(lines)
 
 
-def card_text(run, adapter):
+def card_text(run, adapter, evaluated=True):
     """The card of run folder `run` (adapter: final/ is a LoRA adapter), from the settings of its last
-    checkpoint and its metrics.jsonl. rundir.save_final writes it into final/ with the weights."""
+    checkpoint and its metrics.jsonl. rundir.save_final writes it into final/ with the weights, with
+    evaluated=False: the new weights have no evaluation yet. Otherwise RUN/evaluation.json comes in when
+    it scored the weights final/ holds now (weights_stamp)."""
     from minisft.checkpoint import list_checkpoints, read_state
+    from minisft.files import read_json
     from minisft.plot import read_metrics
 
     ckpts = list_checkpoints(os.path.join(run, "checkpoints"))
     if not ckpts:
         raise FileNotFoundError(f"{run}: no checkpoint in {os.path.join(run, 'checkpoints')} (its settings make the card)")
-    return card(read_state(ckpts[-1])["config"], read_metrics(run), adapter, os.path.basename(os.path.abspath(run)))
+    evaluation = os.path.join(run, "evaluation.json")  # python -m minisft.evaluate --card
+    evaluation = read_json(evaluation) if evaluated and os.path.isfile(evaluation) else None
+    if evaluation and evaluation.get("weights") != weights_stamp(os.path.join(run, "final")):
+        evaluation = None  # it scored weights that final/ no longer holds
+    return card(read_state(ckpts[-1])["config"], read_metrics(run), adapter, os.path.basename(os.path.abspath(run)),
+                evaluation)
 
 
 def write_card(run):

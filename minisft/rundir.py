@@ -240,7 +240,7 @@ class RunFolder:
         adapter = bool(lora_parameters(model))
         try:  # final/README.md, the model card (model_card.py); a card problem must not cost the run
             from minisft.model_card import card_text
-            extra = {"README.md": card_text(self.out, adapter)}
+            extra = {"README.md": card_text(self.out, adapter, evaluated=False)}
         except (OSError, ValueError, KeyError) as e:
             extra = None
             self.log(f"warning: no model card in {final_dir} ({e})")

@@ -2,6 +2,7 @@
 and carries the run's numbers; push fails in one line, quickly, where it cannot reach the Hub."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,44 @@ def test_hub_ids_go_into_the_front_matter(tmp_path):
     text, meta = card_of(tmp_path)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M" and meta["datasets"] == ["HuggingFaceTB/smoltalk2"]
     assert "| best validation loss | 1.7000 (step 1) |" in text
+
+
+def test_evaluate_card_puts_the_evaluation_into_the_card(tmp_path_factory, tmp_path, capsys):
+    """python -m minisft.evaluate --model RUN/final --card: the numbers the card shows are those an
+    evaluation of the same weights gives; weights replaced later drop the section from the card."""
+    from minisft import evaluate
+    from minisft.weights import load_pretrained
+
+    run = Path(shutil.copytree(shared_run(tmp_path_factory), tmp_path / "run"))  # the shared run stays as it is
+    data = tmp_path / "test6.jsonl"
+    data.write_text("".join(open(ROOT / "data" / "sft_test.jsonl", encoding="utf-8").readlines()[:6]), encoding="utf-8")
+    from minisft.default_model import DEFAULT_MODEL
+
+    assert evaluate.main(["--model", str(run / "final"), "--model", DEFAULT_MODEL, "--data", str(data),
+                          "--max-new-tokens", "16", "--card"]) == 0  # the base beside it: compared, no card
+    assert capsys.readouterr().out.count(f"results added to the model card {run / 'final' / 'README.md'}") == 1
+    model, tok = load_pretrained(str(run / "final"))
+    _, summary = evaluate.evaluate_model(model, tok, evaluate.load_records(data), max_new_tokens=16)
+    saved = json.loads((run / "evaluation.json").read_text(encoding="utf-8"))
+    assert saved["metrics"] == {k.strip(): list(v) for k, v in summary.items()}
+    text, meta = card_of(run / "final")
+    assert meta["library_name"] == "transformers" and "## Evaluation" in text and "`test6.jsonl` (local file)" in text
+    rate, n = summary["format compliance"]
+    assert n == 6 and f"| format compliance | {100 * rate:.1f}% | 6 |" in text
+    assert "| ends with <\\|im_end\\|> |" in text  # the bars escaped: one row, three cells
+    weights = run / "final" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # other weights now
+    assert model_card.main([str(run)]) == 0
+    assert "## Evaluation" not in card_of(run / "final")[0]
+
+
+def test_evaluate_card_refuses_a_model_that_is_not_a_run(tmp_path, capsys):
+    from minisft import evaluate
+    from minisft.default_model import DEFAULT_MODEL
+
+    assert evaluate.main(["--model", DEFAULT_MODEL, "--card"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --card: no --model ") and err.count("\n") == 1 and "final/ folder" in err
 
 
 def run_push(*args, **env):
