@@ -354,7 +354,8 @@ def test_real_smollm2_adapter_in_peft(smollm2_dir, tmp_path):
     out = save_adapter(model, tok, tmp_path / "ad", str(smollm2_dir))
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     del model
-    pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir), out).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)  # the checkpoint is bf16
+    pm = peft.PeftModel.from_pretrained(hf, out).eval()
     assert max_diff(hf_logits(pm, x), want) <= 1e-5
 
 
