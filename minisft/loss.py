@@ -136,6 +136,11 @@ def _mm_dtype(t):
     return torch.get_autocast_dtype(t.device.type) if on and t.is_floating_point() else t.dtype
 
 
+def _slow_half_mm(w):
+    """True for a half-precision weight on a CPU (where the layout of a product's right operand matters)."""
+    return w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+
+
 def _chunk_buffer(hc, wc, chunk_size):
     """One [min(chunk_size, N), V] buffer that every chunk's logits are written into: a fresh tensor
     of this size per chunk would be fresh memory the OS hands out page by page, each time."""
@@ -169,6 +174,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros_like(weight) if need_w else None
         buf = _chunk_buffer(hc, wc, chunk_size)
+        # dh = d @ W with W [V, D] stored row by row: on a CPU without bfloat16 units PyTorch's half-precision
+        # product of that layout is about 100x slower than with W stored column by column ([D, V], read
+        # transposed), so there W is copied that way once (docs/speed.md).
+        wd = wc.t().contiguous().t() if need_h and _slow_half_mm(wc) else wc  # [V, D], the same numbers
         for s in range(0, h.shape[0], chunk_size):
             rows = slice(s, s + chunk_size)
             x = _float32(torch.mm(hc[rows], wc.t(), out=buf[:hc[rows].shape[0]]))  # [c, V] logits
@@ -191,7 +200,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             d[torch.arange(d.shape[0], device=d.device), targets[rows]] -= 1  # - onehot(target)
             d = d.to(dtype)  # dloss/dlogits, in the matmul's dtype (as autograd would)
             if need_h:
-                dh[rows] = d @ wc  # [c, D]
+                dh[rows] = d @ wd  # [c, D]
             if need_w:  # [V, D]; in place when the dtypes agree (no second [V, D] tensor per chunk), else
                 # (under autocast) the bf16 product is summed into the weight's float32 gradient
                 if dw.dtype == d.dtype:

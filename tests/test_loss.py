@@ -126,6 +126,26 @@ def test_chunked_matches_plain(chunk_size, dtype, tol):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_in_half_precision_on_the_cpu_matches_autograd(dtype):
+    """A half-precision weight on the CPU is read through a transposed copy for dh (_slow_half_mm): the same
+    loss and gradients as autograd through the full logits in that dtype, to its rounding."""
+    _, hidden, weight, labels = make_batch(B=3, T=21, V=64, D=16, p_mask=0.3, dtype=torch.float32, seed=6)
+    h1, w1 = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    h2, w2 = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    plain, n1 = masked_cross_entropy(h1 @ w1.T, labels)
+    chunked, n2 = chunked_cross_entropy(h2, w2, labels, chunk_size=7)
+    assert n1 == n2 > 0
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=1e-3)
+    plain.backward()
+    chunked.backward()
+    assert h2.grad.dtype == w2.grad.dtype == dtype
+    torch.testing.assert_close(h2.grad, h1.grad)  # the dtype's own tolerance
+    # dW is summed chunk by chunk in the dtype, each sum rounded: a few roundings of the largest entry.
+    scale = 4 * torch.finfo(dtype).eps * w1.grad.abs().max().item()
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=0, atol=scale)
+
+
 def test_chunked_told_the_target_count_gives_the_same_loss_and_gradients():
     """n_targets counted on the host (data.to_device) finds the rows with nonzero_static instead of a
     boolean index (no host sync on a GPU): the same loss and gradients, bit for bit."""
