@@ -146,6 +146,17 @@ def test_chunked_in_half_precision_on_the_cpu_matches_autograd(dtype):
     torch.testing.assert_close(w2.grad, w1.grad, rtol=0, atol=scale)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 64, None])
+def test_entropy_pass_gives_the_same_numbers_for_any_block_size(rows):
+    """_exp_rows_ (8-row blocks on a CPU, 64 on a GPU): exp in place and sum(exp(y) * y) per row, whatever the block."""
+    from minisft.loss import _exp_rows_
+
+    y = torch.randn(29, 50, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    out = _exp_rows_(yc := y.clone(), rows)
+    torch.testing.assert_close(yc, y.exp(), rtol=0, atol=0)
+    torch.testing.assert_close(out, (y.exp() * y).sum(-1))
+
+
 def test_chunked_told_the_target_count_gives_the_same_loss_and_gradients():
     """n_targets counted on the host (data.to_device) finds the rows with nonzero_static instead of a
     boolean index (no host sync on a GPU): the same loss and gradients, bit for bit."""
