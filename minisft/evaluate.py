@@ -230,20 +230,16 @@ def run_of(model):
     return run if is_final else None
 
 
-def save_to_card(model, data, summary):
+def save_to_card(run, data, summary):
     """Keep the results beside the run (RUN/evaluation.json) and rewrite RUN/final/README.md with them
-    (model_card.py) -> the card's path. model: a run's final/ folder (run_of)."""
-    from minisft.files import fresh_name, replace_file, write_json
+    (model_card.py) -> the card's path. run: the run folder (run_of)."""
+    from minisft.files import replace_file, write_json
     from minisft.model_card import weights_stamp, write_card
 
-    run = run_of(model)
-    if run is None:
-        raise ValueError(f"--card: {model} is not the final/ folder of a minisft run (RUN/final)")
     path = os.path.join(run, "evaluation.json")
-    tmp = fresh_name(path, "tmp")
-    write_json(tmp, {"data": str(data), "weights": weights_stamp(os.path.join(run, "final")),
-                     "metrics": {k.strip(): list(v) for k, v in summary.items()}})
-    replace_file(tmp, path)
+    write_json(path + ".tmp", {"data": str(data), "weights": weights_stamp(os.path.join(run, "final")),
+                               "metrics": {k.strip(): list(v) for k, v in summary.items()}})
+    replace_file(path + ".tmp", path)
     return write_card(run)
 
 
@@ -276,7 +272,7 @@ def main(argv=None):
                 print(f"  expected {r['expected']!r:12} format_ok={r['format_ok']!s:5} -> {r['answer_text'][:100]!r}")
             rows.append((name, summary))
             if args.card and run_of(name):  # a base model beside it (--model data/base-model) has no card
-                print(f"  results added to the model card {save_to_card(name, args.data, summary)}")
+                print(f"  results added to the model card {save_to_card(run_of(name), args.data, summary)}")
     except (ValueError, OSError, KeyError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -175,8 +175,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros_like(weight) if need_w else None
         buf = _chunk_buffer(hc, wc, chunk_size)
         # dh = d @ W with W [V, D] stored row by row: on a CPU without bfloat16 units PyTorch's half-precision
-        # product of that layout is about 100x slower than with W stored column by column ([D, V], read
-        # transposed), so there W is copied that way once (docs/speed.md).
+        # product of that layout is far slower than with W stored column by column ([D, V], read transposed),
+        # so there W is copied that way once (docs/speed.md has the measurement).
         wd = wc.t().contiguous().t() if need_h and _slow_half_mm(wc) else wc  # [V, D], the same numbers
         for s in range(0, h.shape[0], chunk_size):
             rows = slice(s, s + chunk_size)

@@ -80,8 +80,8 @@ def _named(spec, what):
 def weights_stamp(final):
     """final/'s weights files as [[name, bytes, mtime_ns], ...]: an evaluation names the weights it scored,
     so a card never shows the results of weights that a later run replaced."""
-    names = sorted(n for n in os.listdir(final) if n.endswith(".safetensors"))
-    return [[n, os.stat(os.path.join(final, n)).st_size, os.stat(os.path.join(final, n)).st_mtime_ns] for n in names]
+    stats = {n: os.stat(os.path.join(final, n)) for n in sorted(os.listdir(final)) if n.endswith(".safetensors")}
+    return [[n, st.st_size, st.st_mtime_ns] for n, st in stats.items()]
 
 
 def evaluation_lines(evaluation):

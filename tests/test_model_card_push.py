@@ -54,13 +54,12 @@ def test_evaluate_card_puts_the_evaluation_into_the_card(tmp_path_factory, tmp_p
     """python -m minisft.evaluate --model RUN/final --card: the numbers the card shows are those an
     evaluation of the same weights gives; weights replaced later drop the section from the card."""
     from minisft import evaluate
+    from minisft.default_model import DEFAULT_MODEL
     from minisft.weights import load_pretrained
 
     run = Path(shutil.copytree(shared_run(tmp_path_factory), tmp_path / "run"))  # the shared run stays as it is
     data = tmp_path / "test6.jsonl"
     data.write_text("".join(open(ROOT / "data" / "sft_test.jsonl", encoding="utf-8").readlines()[:6]), encoding="utf-8")
-    from minisft.default_model import DEFAULT_MODEL
-
     assert evaluate.main(["--model", str(run / "final"), "--model", DEFAULT_MODEL, "--data", str(data),
                           "--max-new-tokens", "16", "--card"]) == 0  # the base beside it: compared, no card
     assert capsys.readouterr().out.count(f"results added to the model card {run / 'final' / 'README.md'}") == 1
